@@ -1,0 +1,411 @@
+"""Tests for treerpo.py: CPU, offline, tiny random models (see tiny.py). Run: python -m pytest -q"""
+
+import doctest
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import treerpo
+from tiny import byte_tokenizer, tiny_model
+from treerpo import (TreeNode, assign_advantages, backward_loss, group_advantages, leaf_path_rows, leaves, nodes,
+                     response_tokens, sample_trees, token_logprobs)
+
+PROMPTS = ["hello there", "a much longer prompt, with more words in it", "x"]  # three lengths: left padding
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+def eos_biased(model, tokenizer, bias=3.0):
+    """Raise the EOS logit so some rows stop in the middle of a level (3.0: ~1 stop in 5 segments)."""
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
+    with torch.no_grad():
+        model.lm_head.bias[tokenizer.eos_token_id] = bias
+    return model
+
+
+def greedy_reference(model, tokenizer, prompt, max_new_tokens):
+    """Plain HF greedy decoding of one unpadded prompt, cut after the first EOS."""
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    tokens = out[0, ids.shape[1]:].tolist()
+    return tokens[:tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens
+
+
+def teacher_forced(model, root, node, temperature=1.0):
+    """log p of `node`'s segment tokens from one unpadded forward over prompt + path, no cache."""
+    ids = torch.tensor([root.tokens + response_tokens(node)])
+    with torch.no_grad():
+        return token_logprobs(model, ids, torch.ones_like(ids), temperature)[0, -len(node.tokens):]
+
+
+def add(parent, tokens, reward=None):
+    """Hand-build a child node."""
+    child = TreeNode(tokens=tokens, parent=parent, depth=parent.depth + 1, reward=reward)
+    parent.children.append(child)
+    return child
+
+
+# 1. Greedy equivalence -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("eos_bias", [0.0, 3.0])
+def test_greedy_leaves_equal_plain_generate(tokenizer, arch, eos_bias):
+    model = eos_biased(tiny_model(len(tokenizer), arch=arch), tokenizer, eos_bias)
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=2, depth=3, segment_tokens=4, do_sample=False)
+    expected = [greedy_reference(model, tokenizer, prompt, max_new_tokens=3 * 4) for prompt in PROMPTS]
+    assert len({tuple(tokens) for tokens in expected}) == len(PROMPTS)  # outputs depend on the prompt
+    for root, tokens in zip(roots, expected):
+        assert [response_tokens(leaf) for leaf in leaves(root)] == [tokens] * len(leaves(root))
+    if eos_bias:  # EOS really stops some rows before the last level, and some rows go on
+        assert any(len(tokens) < 12 for tokens in expected) and any(len(tokens) == 12 for tokens in expected)
+
+
+# 2. Log-prob equivalence ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_sampling_logprobs_equal_teacher_forcing(tokenizer, arch):
+    model = eos_biased(tiny_model(len(tokenizer), arch=arch), tokenizer)
+    torch.manual_seed(0)
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=3, depth=3, segment_tokens=4, temperature=0.7,
+                         return_logprobs=True)
+    all_nodes = [(root, node) for root in roots for node in nodes(root)[1:]]
+    assert any(node.finished and node.depth < 3 for _, node in all_nodes)  # rows that stopped mid-tree
+    assert any(not node.finished and node.depth == 3 for _, node in all_nodes)  # and rows that did not
+    for root, node in all_nodes:
+        assert len(node.logprobs) == len(node.tokens)
+        # the recorded distribution is softmax(logits / 0.7): teacher-force the same one
+        expected = teacher_forced(model, root, node, temperature=0.7)
+        torch.testing.assert_close(torch.tensor(node.logprobs), expected, atol=1e-4, rtol=0)
+
+
+# 3. Branches are independent -----------------------------------------------------------------
+
+
+def test_siblings_diverge_and_share_nothing(tokenizer):
+    model = tiny_model(len(tokenizer), init_std=0.02)  # near-uniform: siblings should differ
+    torch.manual_seed(0)
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=3, depth=2, segment_tokens=4, return_logprobs=True)
+    groups = [parent.children for root in roots for parent in nodes(root) if parent.children]
+    assert all(len({tuple(child.tokens) for child in group}) == 3 for group in groups)
+    # A sibling continued from an aliased (shared) cache would see its sibling's keys: its
+    # recorded log-probs would then differ from a fresh forward over its own path.
+    for root in roots:
+        for node in nodes(root)[1:]:
+            torch.testing.assert_close(torch.tensor(node.logprobs), teacher_forced(model, root, node),
+                                       atol=1e-4, rtol=0)
+    lists = [id(node.tokens) for root in roots for node in nodes(root)]
+    assert len(lists) == len(set(lists))  # no token list is shared between nodes
+
+
+# 4. Shape ------------------------------------------------------------------------------------
+
+
+def test_full_tree_shape(tokenizer):
+    model = tiny_model(len(tokenizer), init_std=0.02)
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=3, depth=3, segment_tokens=2)
+    for root in roots:
+        assert len(leaves(root)) == 3 ** 3
+        assert len(nodes(root)) == 1 + 3 + 9 + 27
+        for node in nodes(root)[1:]:
+            assert len(node.tokens) == 2 and not node.finished
+            assert node.depth == node.parent.depth + 1
+            assert len(node.children) == (3 if node.depth < 3 else 0)
+
+
+def test_eos_node_is_a_leaf(tokenizer):
+    model = eos_biased(tiny_model(len(tokenizer)), tokenizer)
+    torch.manual_seed(1)
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=2, depth=3, segment_tokens=4)
+    all_nodes = [node for root in roots for node in nodes(root)[1:]]
+    assert any(node.finished and node.depth < 3 for node in all_nodes)
+    for node in all_nodes:
+        if node.finished:
+            assert node.children == [] and node.tokens[-1] == tokenizer.eos_token_id
+            assert tokenizer.eos_token_id not in node.tokens[:-1]
+        else:
+            assert len(node.tokens) == 4 and tokenizer.eos_token_id not in node.tokens
+            assert len(node.children) == (2 if node.depth < 3 else 0)
+        assert tokenizer.pad_token_id not in node.tokens or not node.finished  # no pads after EOS
+
+
+def test_depth_one_is_grpo(tokenizer):
+    """depth=1, segment_tokens=max_new_tokens, branch=G: GRPO's G samples and GRPO's advantages."""
+    model = tiny_model(len(tokenizer), init_std=0.02)
+    torch.manual_seed(3)
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=4, depth=1, segment_tokens=6)
+    torch.manual_seed(3)  # the same random stream: the very same samples, drawn by plain generate
+    batch = tokenizer(PROMPTS, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
+    flat = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=0, num_return_sequences=4,
+                          pad_token_id=tokenizer.pad_token_id)[:, batch.input_ids.shape[1]:]
+    assert [child.tokens for root in roots for child in root.children] == flat.tolist()
+
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    grpo = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-6)  # GRPO, as TRL
+    for root, group_rewards, group_grpo in zip(roots, rewards, grpo):
+        for leaf, reward in zip(leaves(root), group_rewards):
+            leaf.reward = reward.item()
+        assign_advantages(root, tau=0.0)
+        assert [leaf.advantage for leaf in leaves(root)] == pytest.approx(group_grpo.tolist(), abs=1e-6)
+
+
+# 5. Values and advantages on a hand-built tree -----------------------------------------------
+
+
+def hand_tree():
+    """root ─┬─ a ─┬─ aa r=1         V(a) = 1/2
+             │     └─ ab r=0
+             ├─ b ─┬─ ba r=1         V(b) = (1 + 3/4) / 2 = 7/8
+             │     └─ bb ─┬─ bba r=1   V(bb) = 3/4
+             │            ├─ bbb r=1
+             │            ├─ bbc r=1
+             │            └─ bbd r=0
+             └─ c ── r=0 (EOS)       V(c) = 0
+    """
+    root = TreeNode(tokens=[1, 2])
+    a, b, c = add(root, [10]), add(root, [20]), add(root, [30], reward=0.0)
+    add(a, [11], 1.0), add(a, [12], 0.0)
+    add(b, [21], 1.0)
+    bb = add(b, [22])
+    for reward in (1.0, 1.0, 1.0, 0.0):
+        add(bb, [23], reward)
+    return root
+
+
+def values_and_advantages(root):
+    return [(node.value, node.advantage) for node in nodes(root)]
+
+
+def test_values_are_recursive_means():
+    root = hand_tree()
+    assign_advantages(root)
+    a, b, c = root.children
+    assert (a.value, b.value, c.value) == (0.5, 0.875, 0.0)
+    assert b.children[1].value == 0.75
+    assert root.value == pytest.approx((0.5 + 0.875 + 0.0) / 3)  # mean of children, not of the 7 leaves
+
+
+@pytest.mark.parametrize("norm", ["std", "bernoulli", "none"])
+def test_advantages_by_hand(norm):
+    root = hand_tree()
+    assign_advantages(root, norm=norm, tau=0.1)
+    a, b, c = root.children
+    top = [0.5, 0.875, 0.0]
+    mu = sum(top) / 3  # 0.4583
+    std_top = math.sqrt(sum((v - mu) ** 2 for v in top) / 2)  # Bessel: divide by n - 1
+    by_hand = {
+        "std": lambda v, values, m, s: (v - m) / (s + 1e-6),
+        "bernoulli": lambda v, values, m, s: (v - m) / (m * (1 - m) + 1e-6),
+        "none": lambda v, values, m, s: v - m,
+    }[norm]
+    for node, value in zip((a, b, c), top):
+        assert node.advantage == pytest.approx(by_hand(value, top, mu, std_top))
+    # {aa, ab} = {1, 0}: mean 1/2, std sqrt(1/2)
+    assert a.children[0].advantage == pytest.approx(by_hand(1.0, None, 0.5, math.sqrt(0.5)))
+    assert a.children[1].advantage == pytest.approx(by_hand(0.0, None, 0.5, math.sqrt(0.5)))
+    # {ba, bb} = {1, 3/4}: span 0.25 >= tau, kept
+    assert b.children[1].advantage == pytest.approx(by_hand(0.75, None, 0.875, math.sqrt(0.25 ** 2 / 2)))
+    # {bba..bbd} = {1, 1, 1, 0}: mean 3/4, std 1/2
+    assert [n.advantage for n in b.children[1].children] == pytest.approx(
+        [by_hand(r, None, 0.75, 0.5) for r in (1, 1, 1, 0)])
+    assert root.advantage is None
+
+
+def test_tau_prunes_low_spread_groups():
+    root = hand_tree()
+    assign_advantages(root, tau=0.3)  # {ba, bb} spans 0.25 < 0.3: pruned; the others span >= 0.5
+    b = root.children[1]
+    assert [child.advantage for child in b.children] == [None, None]
+    assert all(child.advantage is not None for child in root.children)
+    assert all(child.advantage is not None for child in b.children[1].children)
+
+
+@pytest.mark.parametrize("norm", ["std", "bernoulli", "none"])
+@pytest.mark.parametrize("reward", [0.0, 1.0])
+def test_all_equal_groups_are_pruned_never_nan(norm, reward):
+    root = TreeNode(tokens=[1])
+    for _ in range(2):
+        child = add(root, [2])
+        add(child, [3], reward), add(child, [4], reward)
+    assign_advantages(root, norm=norm)
+    assert all(node.advantage is None for node in nodes(root))
+    assign_advantages(root, norm=norm, tau=0.0)  # with pruning off: zeros, still never NaN
+    assert all(node.advantage == 0.0 for node in nodes(root)[1:])
+
+
+def test_doctests():
+    assert doctest.testmod(treerpo).failed == 0
+
+
+def test_readme_example_runs():
+    readme = Path(__file__).with_name("README.md").read_text()
+    namespace = {}
+    exec(readme.split("```python\n")[1].split("```")[0], namespace)
+    assert len(leaves(namespace["roots"][0])) <= 4 ** 3 and "clip_fraction" in namespace["stats"]
+
+
+# 6. Loss -------------------------------------------------------------------------------------
+
+
+def scored_trees(model, tokenizer, seed=0):
+    """Sampled trees with rewards: 1 when the path's first byte is even (a stand-in verifier)."""
+    torch.manual_seed(seed)
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=2, depth=3, segment_tokens=3, return_logprobs=True)
+    for root in roots:
+        for leaf in leaves(root):
+            leaf.reward = float(response_tokens(leaf)[-1] % 2 == 0)
+        assign_advantages(root, tau=0.0)
+    return roots
+
+
+def test_shared_prefixes_counted_once(tokenizer):
+    model = tiny_model(len(tokenizer), init_std=0.02)
+    roots = scored_trees(model, tokenizer)
+    kept = [node for root in roots for node in nodes(root)[1:] if node.advantage is not None]
+    _, stats = backward_loss(model, roots)
+    assert stats["tokens"] == sum(len(node.tokens) for node in kept)  # 14 nodes a tree, 8 leaves
+    assert stats["kept_nodes"] == len(kept) and stats["pruned_nodes"] == 3 * 14 - len(kept)
+    rows = [row for root in roots for row in leaf_path_rows(root)]
+    assert len(rows) <= 3 * 8 and sum(sum(row["counted"]) for row in rows) == stats["tokens"]
+
+
+def test_on_policy_ratio_is_one_and_loss_is_minus_mean_advantage(tokenizer):
+    model = tiny_model(len(tokenizer), init_std=0.02)
+    roots = scored_trees(model, tokenizer)
+    loss, stats = backward_loss(model, roots, micro_batch_size=5)
+    assert stats["clip_fraction"] == 0.0  # recorded log-probs == recomputed: every ratio is 1
+    kept = [node for root in roots for node in nodes(root)[1:] if node.advantage is not None]
+    mean_advantage = sum(node.advantage * len(node.tokens) for node in kept) / stats["tokens"]
+    assert loss == pytest.approx(-mean_advantage, abs=1e-5)  # at r = 1 the surrogate is r A = A
+
+
+def test_micro_batching_does_not_change_the_gradient(tokenizer):
+    model = tiny_model(len(tokenizer), init_std=0.02)
+    roots = scored_trees(model, tokenizer)
+    grads = []
+    for micro_batch_size in (1, 100):
+        model.zero_grad()
+        backward_loss(model, roots, micro_batch_size=micro_batch_size)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_one_step_raises_the_rewarded_segment(tokenizer):
+    model = tiny_model(len(tokenizer), init_std=0.02)
+    root = TreeNode(tokens=tokenizer("go: ", add_special_tokens=False).input_ids)
+    good, bad = add(root, [65, 66, 67], 1.0), add(root, [70, 71, 72], 0.0)
+    assign_advantages(root)
+    before = [teacher_forced(model, root, node).sum() for node in (good, bad)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    backward_loss(model, [root])
+    optimizer.step()
+    after = [teacher_forced(model, root, node).sum() for node in (good, bad)]
+    assert after[0] > before[0] + 0.01 and after[1] < before[1] - 0.01
+
+
+def test_kl_is_zero_against_itself_and_positive_after_a_step(tokenizer):
+    model = tiny_model(len(tokenizer), init_std=0.02)
+    reference = tiny_model(len(tokenizer), init_std=0.02)  # same seed: the same weights
+    roots = scored_trees(model, tokenizer)
+    _, stats = backward_loss(model, roots, ref_model=reference, kl_coef=0.1)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-6)
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.zero_grad()
+    _, stats = backward_loss(model, roots, ref_model=reference, kl_coef=0.1)
+    assert stats["kl"] > 1e-4 and stats["clip_fraction"] > 0  # the ratio has moved off 1 too
+
+
+# 7. It learns --------------------------------------------------------------------------------
+
+
+def test_treerpo_learns_a_toy_task(tokenizer):
+    """Reward = share of lowercase letters in the response (~10% for a random model)."""
+    torch.manual_seed(0)
+    model = tiny_model(len(tokenizer), init_std=0.02).train()
+    letters = set(tokenizer("abcdefghijklmnopqrstuvwxyz", add_special_tokens=False).input_ids)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    mean_rewards = []
+    for step in range(30):
+        roots = sample_trees(model, tokenizer, ["count: ", "spell: ", "go ", "abc "], branch=3, depth=2,
+                             segment_tokens=4)
+        rewards = []
+        for root in roots:
+            for leaf in leaves(root):
+                response = response_tokens(leaf)
+                leaf.reward = sum(token in letters for token in response) / len(response)
+                rewards.append(leaf.reward)
+            assign_advantages(root)
+        optimizer.zero_grad()
+        backward_loss(model, roots)
+        optimizer.step()
+        mean_rewards.append(sum(rewards) / len(rewards))
+    first, last = sum(mean_rewards[:3]) / 3, sum(mean_rewards[-3:]) / 3
+    assert first < 0.2 and last > 0.5, mean_rewards
+
+
+# 8. Bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(branch=0), "branch must be an integer >= 1"),
+    (dict(depth=0), "depth must be an integer >= 1"),
+    (dict(segment_tokens=0), "segment_tokens must be an integer >= 1"),
+    (dict(branch=2.5), "branch must be an integer >= 1"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts="one string"), "prompts must be a list of strings"),
+    (dict(prompts=["fine", ""]), "prompt 1 encodes to no tokens"),
+    (dict(prompts=["a" * 1020]), "exceeds the model's context of 1024 tokens"),
+])
+def test_bad_sampling_arguments(tokenizer, kwargs, message):
+    model = tiny_model(len(tokenizer))
+    arguments = dict(prompts=["hi"], branch=2, depth=2, segment_tokens=4) | kwargs
+    prompts = arguments.pop("prompts")
+    with pytest.raises(ValueError, match=message):
+        sample_trees(model, tokenizer, prompts, **arguments)
+
+
+def test_tokenizer_without_pad_and_eos_is_refused(tokenizer):
+    bare = byte_tokenizer()
+    bare.pad_token, bare.eos_token = None, None
+    with pytest.raises(ValueError, match="neither a pad token nor an EOS token"):
+        sample_trees(tiny_model(len(tokenizer)), bare, ["hi"], branch=2, depth=1, segment_tokens=2)
+
+
+def test_missing_pad_token_falls_back_to_eos(tokenizer):
+    no_pad = byte_tokenizer()
+    no_pad.pad_token = None
+    model = eos_biased(tiny_model(len(tokenizer)), tokenizer)
+    torch.manual_seed(0)
+    with_pad = sample_trees(model, tokenizer, PROMPTS, branch=2, depth=2, segment_tokens=4)
+    torch.manual_seed(0)
+    without = sample_trees(model, no_pad, PROMPTS, branch=2, depth=2, segment_tokens=4)
+    tokens = lambda roots: [node.tokens for root in roots for node in nodes(root)]  # noqa: E731
+    assert tokens(without) == tokens(with_pad)
+
+
+@pytest.mark.parametrize("reward, message", [(math.nan, "has reward nan"), (math.inf, "has reward inf"),
+                                             (None, "has no reward")])
+def test_bad_rewards_are_refused(reward, message):
+    root = hand_tree()
+    leaves(root)[0].reward = reward
+    with pytest.raises(ValueError, match=message):
+        assign_advantages(root)
+
+
+def test_bad_norm_and_missing_reference_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="norm must be one of"):
+        assign_advantages(hand_tree(), norm="zscore")
+    root = hand_tree()
+    assign_advantages(root)
+    with pytest.raises(ValueError, match="needs ref_model"):
+        backward_loss(tiny_model(len(tokenizer)), [root], kl_coef=0.1)
