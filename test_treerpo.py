@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import treerpo
+import reward
+from reward import gsm8k_reward
 from tiny import byte_tokenizer, tiny_model
 from treerpo import (TreeNode, assign_advantages, backward_loss, group_advantages, leaf_path_rows, leaves, nodes,
                      response_tokens, sample_trees, token_logprobs)
@@ -241,7 +243,7 @@ def test_all_equal_groups_are_pruned_never_nan(norm, reward):
 
 
 def test_doctests():
-    assert doctest.testmod(treerpo).failed == 0
+    assert doctest.testmod(treerpo).failed == 0 and doctest.testmod(reward).failed == 0
 
 
 def test_readme_example_runs():
@@ -409,3 +411,73 @@ def test_bad_norm_and_missing_reference_are_refused(tokenizer):
     assign_advantages(root)
     with pytest.raises(ValueError, match="needs ref_model"):
         backward_loss(tiny_model(len(tokenizer)), [root], kl_coef=0.1)
+
+
+# reward.py -----------------------------------------------------------------------------------
+
+# (completion, reference, lenient reward, strict reward): what models really write
+REWARD_CASES = [
+    ("#### 42", "42", 1.0, 1.0),
+    ("Step 1: 6 * 7 = 42.\n#### 42", "42", 1.0, 1.0),
+    ("So she has \\boxed{18} eggs.", "18", 1.0, 1.0),
+    ("\\boxed{18}", "Janet sells 16 - 3 - 4 = 9 eggs... 9 * 2 = 18\n#### 18", 1.0, 1.0),  # full GSM8K field
+    ("\\boxed{\\$18}", "18", 1.0, 1.0),
+    ("\\boxed{18 \\text{ dollars}}", "18", 1.0, 1.0),
+    ("\\boxed{1,234}", "1234", 1.0, 1.0),
+    ("First \\boxed{3}, no wait, \\boxed{5}", "5", 1.0, 1.0),  # the last box wins
+    ("\\boxed{5} and then 7 more words 9", "5", 1.0, 1.0),  # a box beats later numbers
+    ("#### 5\nsome rambling with 12 in it", "5", 1.0, 1.0),  # #### beats later numbers
+    ("#### $1,234.50.", "1234.5", 1.0, 1.0),
+    ("#### 42 dollars", "42", 1.0, 1.0),
+    ("#### -7", "-7", 1.0, 1.0),
+    ("#### 42.0", "42", 1.0, 1.0),
+    ("#### 42.00", "42", 1.0, 1.0),
+    ("#### 0.5", ".5", 1.0, 1.0),
+    ("#### \u22127", "-7", 1.0, 1.0),  # Unicode minus
+    ("#### 50%", "50", 1.0, 1.0),
+    ("#### 43", "42", 0.0, 0.0),
+    ("#### 4.2", "42", 0.0, 0.0),
+    ("#### 420", "42", 0.0, 0.0),
+    ("The answer is $1,234.50.", "1234.5", 1.0, 0.0),
+    ("The answer is 18 because 3 + 15 = 18 and 2 more", "18", 1.0, 0.0),  # phrase beats last number
+    ("The final answer is: 7", "7", 1.0, 0.0),
+    ("Answer: 12 apples", "12", 1.0, 0.0),
+    ("She pays 5 * 3 = 15 dollars. So 15", "15", 1.0, 0.0),
+    ("She pays 5 * 3 = 15 dollars.", "15", 1.0, 0.0),  # trailing unit and period
+    ("15 + 3 = 18. Then 18 - 4 = 14.", "14", 1.0, 0.0),  # several numbers: the final one wins
+    ("15 + 3 = 18. Then 18 - 4 = 14.", "18", 0.0, 0.0),  # ... not the first
+    ("It costs $3,000,000 in total", "3000000", 1.0, 0.0),
+    ("The temperature is -7 degrees", "-7", 1.0, 0.0),
+    ("The result is 42.0", "42", 1.0, 0.0),
+    ("She has 0.25 of the pie", "0.25", 1.0, 0.0),
+    ("I don't know.", "42", 0.0, 0.0),  # no number at all
+    ("", "42", 0.0, 0.0),
+    ("####", "42", 0.0, 0.0),  # an empty ####: strict finds it and stops
+    ("\\boxed{}", "42", 0.0, 0.0),
+    ("\\boxed{x}", "42", 0.0, 0.0),
+    ("the answer is unclear, maybe 42", "42", 1.0, 0.0),  # phrase with no number: fall through
+    ("\\boxed{42", "42", 1.0, 0.0),  # unclosed box: not a box, lenient still reads 42
+    ("#### 1,000", "1000", 1.0, 1.0),
+    ("So 2/3 of 9 is 6.", "6", 1.0, 0.0),
+    ("<|im_end|>#### 8<|im_end|>", "8", 1.0, 1.0),
+    ("Total: 7 + 8 = 15\n\n**Answer: 15**", "15", 1.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("completion, reference, lenient, strict", REWARD_CASES)
+def test_gsm8k_reward_cases(completion, reference, lenient, strict):
+    assert gsm8k_reward(completion, reference) == lenient
+    assert gsm8k_reward(completion, reference, strict=True) == strict
+
+
+def test_reward_is_fast_on_long_garbage():
+    import random
+    import time
+    rng = random.Random(0)
+    alphabet = "0123456789,.-{}\\#$ abcboxedanswer is\n"
+    texts = ["".join(rng.choice(alphabet) for _ in range(200_000)), "\\boxed{" * 30_000, "#" * 200_000,
+             "1," * 100_000, "answer is " * 20_000, "9" * 200_000]
+    start = time.perf_counter()
+    for text in texts:
+        gsm8k_reward(text, "42"), gsm8k_reward(text, "42", strict=True)
+    assert time.perf_counter() - start < 2.0
