@@ -2,7 +2,10 @@
 
 import doctest
 import math
+import os
 from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # the tests never reach the hub; read once, when huggingface_hub is imported
 
 import pytest
 import torch
@@ -67,6 +70,16 @@ def test_greedy_leaves_equal_plain_generate(tokenizer, arch, eos_bias):
         assert [response_tokens(leaf) for leaf in leaves(root)] == [tokens] * len(leaves(root))
     if eos_bias:  # EOS really stops some rows before the last level, and some rows go on
         assert any(len(tokens) < 12 for tokens in expected) and any(len(tokens) == 12 for tokens in expected)
+
+
+def test_sampling_from_a_training_model_with_gradient_checkpointing(tokenizer):
+    model = tiny_model(len(tokenizer))
+    expected = [greedy_reference(model, tokenizer, prompt, max_new_tokens=8) for prompt in PROMPTS]
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    model.train()  # generate would turn the cache off here; sample_trees samples in eval mode
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=2, depth=2, segment_tokens=4, do_sample=False)
+    assert [response_tokens(leaves(root)[-1]) for root in roots] == expected
+    assert model.training  # and the caller's mode is back
 
 
 # 2. Log-prob equivalence ---------------------------------------------------------------------
@@ -481,3 +494,65 @@ def test_reward_is_fast_on_long_garbage():
     for text in texts:
         gsm8k_reward(text, "42"), gsm8k_reward(text, "42", strict=True)
     assert time.perf_counter() - start < 2.0
+
+
+# train_gsm8k.py ------------------------------------------------------------------------------
+
+
+def run_script(*args):
+    """Run train_gsm8k.py as a user would; returns its metrics.jsonl records."""
+    import json
+    import subprocess
+    import sys
+    out = next(arg for arg in args if "/" in arg)
+    subprocess.run([sys.executable, "train_gsm8k.py", *args], check=True, cwd=Path(__file__).parent,
+                   capture_output=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(record):
+    return {key: value for key, value in record.items() if not key.endswith("_s")}
+
+
+def test_smoke_run_covers_every_path_and_resume_is_exact(tmp_path):
+    straight = run_script("--smoke", "--steps", "6", "--out", str(tmp_path / "straight"))
+    assert [record["step"] for record in straight] == list(range(7))
+    assert {"eval_strict", "eval_lenient", "eval_response_tokens"} <= straight[0].keys()  # evaluated before
+    assert all("eval_lenient" in straight[step] for step in (2, 4, 6))  # every --eval-every and at the end
+    assert any(record.get("kept_nodes", 0) > 0 and record["grad_norm"] > 0 for record in straight)  # it updated
+    for key in ("reward", "tokens_generated", "loss", "kl", "grad_norm", "kept_nodes", "pruned_nodes", "sample_s"):
+        assert key in straight[1]
+    assert (tmp_path / "straight" / "checkpoint" / "model.safetensors").exists()
+
+    run_script("--smoke", "--steps", "4", "--out", str(tmp_path / "resumed"))
+    resumed = run_script("--smoke", "--steps", "6", "--resume", "--out", str(tmp_path / "resumed"))
+    assert [record["step"] for record in resumed] == list(range(7))
+    assert [without_timings(r) for r in resumed[5:]] == [without_timings(r) for r in straight[5:]]
+
+
+def test_script_errors_are_clear(tmp_path, monkeypatch):
+    import train_gsm8k
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="(?s)no CUDA GPU found.*--device cpu"):
+        train_gsm8k.main(["--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+        train_gsm8k.main(["--smoke", "--resume", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="could not load the GSM8K dataset"):
+        train_gsm8k.load_problems(train_gsm8k.Config(), "train")
+    with pytest.raises(SystemExit, match="could not load the tokenizer of 'no-such/model'"):
+        train_gsm8k.load_model_and_tokenizer(train_gsm8k.Config(model="no-such/model"))
+
+
+def test_help_lists_every_knob_with_its_default(capsys):
+    import dataclasses
+    import train_gsm8k
+    with pytest.raises(SystemExit):
+        train_gsm8k.parse_args(["--help"])
+    parser_help = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for knob in dataclasses.fields(train_gsm8k.Config):
+        assert f"--{knob.name.replace('_', '-')}" in parser_help
+    assert "(default: 128)" in parser_help and "(default: Qwen/Qwen2.5-0.5B-Instruct)" in parser_help
+    config = train_gsm8k.parse_args([])
+    assert (config.branch, config.depth, config.segment_tokens, config.lr) == (4, 3, 128, 1e-6)
+    smoke = train_gsm8k.parse_args(["--smoke", "--branch", "3"])
+    assert smoke.smoke and smoke.depth == 2 and smoke.branch == 3  # smoke defaults, command line on top

@@ -86,7 +86,7 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
         ends in EOS. Segments are at most `segment_tokens` long; only EOS ends one early.
     return_logprobs: record, per segment token, log p under softmax(logits / temperature), the
         distribution sampled from when top_p = 1. `backward_loss` uses the same definition.
-    Sampling runs under no_grad and leaves the model's train/eval mode as the caller set it.
+    Sampling runs under no_grad in eval mode; the model's train/eval mode is restored afterwards.
     """
     _check_sampling_args(prompts, branch, depth, segment_tokens, temperature, top_p)
     pad_id, eos_ids = _special_ids(model, tokenizer)
@@ -94,40 +94,55 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
     _check_lengths(model, prompt_ids, depth * segment_tokens)
 
     roots = [TreeNode(tokens=ids) for ids in prompt_ids]
-    frontier = roots  # the nodes whose children the next level samples, one row each
-    input_ids, attention_mask = pad_rows(prompt_ids, pad_id, side="left", device=model.device)  # (rows, P)
+    input_ids, attention_mask = pad_rows(prompt_ids, pad_id, side="left", device=model.device)  # (B, P)
     generation = dict(max_new_tokens=segment_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
                       do_sample=do_sample, repetition_penalty=1.0)  # 1.0 overrides a model's default
     if do_sample:  # top_k=0 also overrides a default, so the sampled distribution is the one recorded
         generation.update(temperature=temperature, top_p=top_p, top_k=0)
-
-    with torch.no_grad():
-        cache = encode_prompts(model, input_ids, attention_mask)
-        for level in range(1, depth + 1):
-            # Branch: each frontier row becomes `branch` rows with copies of its cache.
-            cache.batch_repeat_interleave(branch)  # copies the storage: siblings never alias
-            input_ids = input_ids.repeat_interleave(branch, dim=0)  # (rows * N, T)
-            attention_mask = attention_mask.repeat_interleave(branch, dim=0)
-            parents = [node for node in frontier for _ in range(branch)]
-
-            recorder = SampledLogprobs(temperature) if return_logprobs else None
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
-                                 return_dict_in_generate=True, **generation)
-            new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W), W <= L if all rows hit EOS
-            logprobs = recorder.result(out.sequences) if recorder else None  # (rows, W)
-            children = add_children(parents, new_tokens, logprobs, eos_ids, segment_tokens)
-
-            # Only unfinished rows go on: a finished row's tail is pads that must not be continued.
-            keep = [row for row, child in enumerate(children) if not child.finished]
-            if level == depth or not keep:
-                break
-            keep_rows = torch.tensor(keep, device=input_ids.device)
-            cache.batch_select_indices(keep_rows)
-            input_ids = out.sequences[keep_rows]
-            attention_mask = torch.cat([attention_mask, torch.ones_like(new_tokens)], dim=1)[keep_rows]
-            frontier = [children[row] for row in keep]
+    was_training = model.training
+    model.eval()  # sampling is inference: no dropout, and gradient checkpointing would turn the cache off
+    try:
+        grow_trees(model, roots, input_ids, attention_mask, branch=branch, depth=depth, eos_ids=eos_ids,
+                   logprob_temperature=temperature if return_logprobs else None, **generation)
+    finally:
+        model.train(was_training)
     return roots
+
+
+@torch.no_grad()
+def grow_trees(model, roots, input_ids, attention_mask, *, branch, depth, eos_ids, logprob_temperature,
+               **generation):
+    """Add `depth` levels of children under `roots`, level by level, in place.
+
+    input_ids, attention_mask: (B, P), the left-padded prompts of `roots`. generation: the keyword
+    arguments of `generate`. logprob_temperature: record log-probs at this temperature, or None.
+    """
+    frontier = roots  # the nodes whose children the next level samples, one row each
+    cache = encode_prompts(model, input_ids, attention_mask)
+    for level in range(1, depth + 1):
+        # Branch: each frontier row becomes `branch` rows with copies of its cache.
+        cache.batch_repeat_interleave(branch)  # copies the storage: siblings never alias
+        input_ids = input_ids.repeat_interleave(branch, dim=0)  # (rows * N, T)
+        attention_mask = attention_mask.repeat_interleave(branch, dim=0)
+        parents = [node for node in frontier for _ in range(branch)]
+
+        recorder = SampledLogprobs(logprob_temperature) if logprob_temperature else None
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                             logits_processor=LogitsProcessorList([recorder] if recorder else []),
+                             return_dict_in_generate=True, **generation)
+        new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W), W < L only if every row hit EOS
+        logprobs = recorder.result(out.sequences) if recorder else None  # (rows, W)
+        children = add_children(parents, new_tokens, logprobs, eos_ids, generation["max_new_tokens"])
+
+        # Only unfinished rows go on: a finished row's tail is pads that must not be continued.
+        keep = [row for row, child in enumerate(children) if not child.finished]
+        if level == depth or not keep:
+            return
+        keep_rows = torch.tensor(keep, device=input_ids.device)
+        cache.batch_select_indices(keep_rows)
+        input_ids = out.sequences[keep_rows]
+        attention_mask = torch.cat([attention_mask, torch.ones_like(new_tokens)], dim=1)[keep_rows]
+        frontier = [children[row] for row in keep]
 
 
 def encode_prompts(model, input_ids, attention_mask) -> DynamicCache:
