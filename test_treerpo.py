@@ -291,8 +291,20 @@ def test_shared_prefixes_counted_once(tokenizer):
     assert len(rows) <= 3 * 8 and sum(sum(row["counted"]) for row in rows) == stats["tokens"]
 
 
+def test_token_logprobs_of_some_columns_equal_the_full_forward(tokenizer):
+    model = tiny_model(len(tokenizer))
+    input_ids = torch.randint(0, 256, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 9:] = 0  # a right-padded row
+    with torch.no_grad():
+        full = token_logprobs(model, input_ids, attention_mask)  # (3, 11): columns 1..11
+        some = token_logprobs(model, input_ids, attention_mask, columns=torch.tensor([4, 5, 8]))
+    torch.testing.assert_close(some, full[:, [3, 4, 7]])
+    assert full.std() > 0.5  # a peaked model: a shifted column would not pass by luck
+
+
 def test_on_policy_ratio_is_one_and_loss_is_minus_mean_advantage(tokenizer):
-    model = tiny_model(len(tokenizer), init_std=0.02)
+    model = tiny_model(len(tokenizer))  # peaked log-probs: a misaligned old log-prob would clip
     roots = scored_trees(model, tokenizer)
     loss, stats = backward_loss(model, roots, micro_batch_size=5)
     assert stats["clip_fraction"] == 0.0  # recorded log-probs == recomputed: every ratio is 1

@@ -21,7 +21,6 @@ With depth=1 the tree is N independent answers to the prompt and TreeRPO is exac
 Works with any Hugging Face causal LM whose `generate` takes a `DynamicCache`.
 """
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -155,9 +154,8 @@ def encode_prompts(model, input_ids, attention_mask) -> DynamicCache:
     cache = DynamicCache(config=model.config)
     if input_ids.shape[1] > 1:
         # logits_to_keep=1: skip the (B, P, vocab) logits nobody reads (GBs for a 151k vocabulary).
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-        model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-              position_ids=position_ids(attention_mask[:, :-1]), past_key_values=cache, use_cache=True, **keep)
+        model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids(attention_mask[:, :-1]),
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
     return cache
 
 
@@ -369,15 +367,21 @@ def leaf_path_rows(root: TreeNode) -> list[dict]:
     return rows
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0):
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, columns=None):
     """Teacher-forced log p(input_ids[:, t] | input_ids[:, :t]) under softmax(logits / temperature).
 
-    input_ids, attention_mask: (rows, T) -> (rows, T - 1); column t - 1 scores token t.
+    input_ids, attention_mask: (rows, T). columns: the token columns t to score, (K,); by default
+    1 .. T-1. Returns (rows, K).
     """
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
-    logits = logits[:, :-1].float() / temperature  # (rows, T-1, V)
-    targets = input_ids[:, 1:, None]
-    # log_softmax gathered at the target, without materialising a second (rows, T-1, V) tensor
+    if columns is None:
+        columns = torch.arange(1, input_ids.shape[1], device=input_ids.device)
+    # logits_to_keep: project onto the vocabulary only where a token is scored. The prompt's
+    # positions need none; with Qwen's 151k vocabulary these logits are most of the loss's memory.
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   logits_to_keep=columns - 1).logits  # (rows, K, V): position t - 1 predicts token t
+    logits = logits.float() / temperature
+    targets = input_ids[:, columns, None]
+    # log_softmax gathered at the target, without materialising a second (rows, K, V) tensor
     return (logits.gather(-1, targets) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
 
 
@@ -420,19 +424,23 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
     tokens = sum(sum(row["counted"]) for row in rows)
     stats = {"tokens": tokens, "kept_nodes": len(kept), "pruned_nodes": len(generated) - len(kept),
              "mean_abs_advantage": sum(abs(node.advantage) for node in kept) / max(len(kept), 1),
-             "positions": sum(len(row["tokens"]) for row in rows), "kl": 0.0, "clip_fraction": 0.0}
+             "positions": sum(len(row["tokens"]) for row in rows), "logit_positions": 0, "kl": 0.0,
+             "clip_fraction": 0.0}
     total_loss = 0.0
     for start in range(0, len(rows), micro_batch_size):
         batch = collate(rows[start:start + micro_batch_size], model.device)
-        logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"], temperature)
+        columns = batch["counted"].any(0).nonzero().squeeze(1)  # (K,) columns where some row is counted
+        inputs = (batch["input_ids"], batch["attention_mask"], temperature, columns)
+        logprobs = token_logprobs(model, *inputs)  # (rows, K)
         ref_logprobs = None
         if kl_coef:
             with torch.no_grad():
-                ref_logprobs = token_logprobs(ref_model, batch["input_ids"], batch["attention_mask"], temperature)
-        old_logprobs = batch["old_logprobs"][:, 1:]
+                ref_logprobs = token_logprobs(ref_model, *inputs)
+        old_logprobs = batch["old_logprobs"][:, columns]
         old_logprobs = torch.where(old_logprobs.isnan(), logprobs.detach(), old_logprobs)
-        loss_sum, sums = ppo_clip_loss(logprobs, old_logprobs, batch["advantages"][:, 1:], batch["counted"][:, 1:],
-                                       ref_logprobs, clip_eps, kl_coef)
+        loss_sum, sums = ppo_clip_loss(logprobs, old_logprobs, batch["advantages"][:, columns],
+                                       batch["counted"][:, columns], ref_logprobs, clip_eps, kl_coef)
+        stats["logit_positions"] += logprobs.numel()
         (loss_sum / tokens).backward()
         total_loss += loss_sum.item() / tokens
         stats["kl"] += sums["kl"] / tokens

@@ -1,0 +1,242 @@
+"""What does the tree cost, and what does KV-cache branching save? Measured side by side.
+
+For the same prompts and the same number of leaves per prompt (branch**depth):
+    (a) tree     treerpo.sample_trees: each prompt encoded once, KV cache copied to branch
+    (b) reencode the same tree, but every level re-encodes each node's whole prefix (no cache reuse)
+    (c) flat     GRPO: branch**depth independent responses of depth * segment_tokens tokens
+and the loss step (teacher-forced forward + backward over every node of the trees).
+Ideal (a)/(c) from token counts: sum_d N^d L / (N^D D L).
+
+    python bench.py                 # CPU: tiny and Qwen-size (151,936) vocabularies, N=2 and N=4, D=3
+    python bench.py --quick         # seconds; CI runs it
+    python bench.py --device cuda --model qwen2.5-0.5b   # GPU: Qwen2.5-0.5B's config, random weights
+
+The last line printed is one JSON object with every figure.
+"""
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from tiny import byte_tokenizer, tiny_model
+from treerpo import (add_children, assign_advantages, backward_loss, leaves, nodes, pad_rows, response_tokens,
+                     sample_trees)
+
+PROMPTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+           "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
+           "Betty is saving money for a new wallet which costs $100.",
+           "James writes a 3-page letter to 2 different friends twice a week. How many pages a year?"]
+QWEN_VOCAB = 151_936
+
+
+def make_model(name: str, vocab_size: int, device: str):
+    """'tiny': hidden 64, 2 layers. 'qwen2.5-0.5b': Qwen2.5-0.5B's config (494M), random weights."""
+    if name == "tiny":
+        return tiny_model(vocab_size, init_std=0.02).to(device)
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1_000_000.0, tie_word_embeddings=True)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The two baselines; (a) is treerpo.sample_trees itself
+
+
+def generation_kwargs(tokenizer, max_new_tokens):
+    """The sampling settings sample_trees uses, so the three methods draw the same way."""
+    return dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=[tokenizer.eos_token_id])
+
+
+@torch.no_grad()
+def sample_reencoding(model, tokenizer, prompts, *, branch, depth, segment_tokens):
+    """(b): the same tree, but each level's generate starts from scratch on the full prefixes."""
+    roots = [treerpo_root(tokenizer, prompt) for prompt in prompts]
+    frontier, eos_ids = roots, {tokenizer.eos_token_id}
+    for _ in range(depth):
+        parents = [node for node in frontier for _ in range(branch)]
+        prefixes = [root_of(node).tokens + response_tokens(node) for node in parents]
+        input_ids, attention_mask = pad_rows(prefixes, tokenizer.pad_token_id, side="left", device=model.device)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                             **generation_kwargs(tokenizer, segment_tokens))
+        children = add_children(parents, out[:, input_ids.shape[1]:], None, eos_ids, segment_tokens)
+        frontier = [child for child in children if not child.finished]
+        if not frontier:
+            break
+    return roots
+
+
+@torch.no_grad()
+def sample_flat(model, tokenizer, prompts, *, samples, max_new_tokens):
+    """(c): GRPO's independent samples, `samples` per prompt, in one generate call."""
+    ids = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
+    input_ids, attention_mask = pad_rows(ids, tokenizer.pad_token_id, side="left", device=model.device)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, num_return_sequences=samples,
+                         **generation_kwargs(tokenizer, max_new_tokens))
+    new_tokens = out[:, input_ids.shape[1]:]
+    return int((new_tokens != tokenizer.pad_token_id).sum())  # tokens generated (pads after EOS excluded)
+
+
+def treerpo_root(tokenizer, prompt):
+    from treerpo import TreeNode
+    return TreeNode(tokens=tokenizer(prompt, add_special_tokens=False).input_ids)
+
+
+def root_of(node):
+    while node.parent is not None:
+        node = node.parent
+    return node
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+class PositionCounter:
+    """Counts the token positions the model forwards (rows x sequence length, pads included)."""
+
+    def __init__(self, model):
+        self.positions = 0
+        self.handle = model.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            tokens = kwargs["inputs_embeds"][..., 0]
+        self.positions += tokens.numel()
+
+
+class PeakMemory:
+    """Peak memory above the start while the block runs: CUDA allocations, or on the CPU the
+    process's resident set, polled every millisecond from /proc (Linux)."""
+
+    def __init__(self, device):
+        self.device, self.peak_mb = device, 0.0
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start, self.running = rss_bytes(), True
+            self.thread = threading.Thread(target=self.poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def poll(self):
+        while self.running:
+            self.peak_mb = max(self.peak_mb, (rss_bytes() - self.start) / 2**20)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        else:
+            self.running = False
+            self.thread.join()
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * 4096
+
+
+def measure(run, model, device, repeats):
+    """Median wall time of `run()` over `repeats` runs after one warm-up, the positions forwarded
+    and the peak memory of one run, and what `run` returned (the same seed every run)."""
+    torch.manual_seed(0)
+    run()  # warm-up: first-call allocations and lazy initialisation
+    times = []
+    for _ in range(repeats):
+        torch.manual_seed(0)
+        counter = PositionCounter(model)
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            result = run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        counter.handle.remove()
+    return {"seconds": statistics.median(times), "positions": counter.positions, "peak_mb": memory.peak_mb}, result
+
+
+def tree_tokens(roots):
+    return sum(len(node.tokens) for root in roots for node in nodes(root)[1:])
+
+
+def bench_case(model, tokenizer, device, *, prompts, branch, depth, segment_tokens, repeats):
+    shape = dict(branch=branch, depth=depth, segment_tokens=segment_tokens)
+    tree, roots = measure(lambda: sample_trees(model, tokenizer, prompts, **shape), model, device, repeats)
+    reencode, reroots = measure(lambda: sample_reencoding(model, tokenizer, prompts, **shape), model, device, repeats)
+    flat, flat_tokens = measure(lambda: sample_flat(model, tokenizer, prompts, samples=branch ** depth,
+                                                    max_new_tokens=depth * segment_tokens), model, device, repeats)
+    tree["tokens"], reencode["tokens"], flat["tokens"] = tree_tokens(roots), tree_tokens(reroots), flat_tokens
+
+    # The loss step on the tree: random 0/1 rewards, every group kept (tau=0), forward + backward.
+    generator = torch.Generator().manual_seed(0)
+    for root in roots:
+        for leaf in leaves(root):
+            leaf.reward = float(torch.randint(0, 2, (1,), generator=generator))
+        assign_advantages(root, tau=0.0)
+
+    def loss_step():
+        model.zero_grad(set_to_none=True)
+        return backward_loss(model, roots, micro_batch_size=16)[1]
+
+    loss, stats = measure(loss_step, model, device, repeats)
+    loss["counted_tokens"] = stats["tokens"]
+    loss["positions_per_counted_token"] = stats["positions"] / stats["tokens"]
+
+    levels = sum(branch ** d for d in range(1, depth + 1))
+    return {"branch": branch, "depth": depth, "segment_tokens": segment_tokens, "prompts": len(prompts),
+            "tree": tree, "reencode": reencode, "flat": flat, "loss": loss,
+            "tree_over_reencode": tree["seconds"] / reencode["seconds"],
+            "tree_over_flat": tree["seconds"] / flat["seconds"],
+            "ideal_tree_over_flat": levels / (branch ** depth * depth)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small trees and one repeat: seconds")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "qwen2.5-0.5b"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--segment-tokens", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())  # as the machine gives it; recorded below
+
+    tokenizer = byte_tokenizer()
+    vocabularies = [len(tokenizer), QWEN_VOCAB] if args.model == "tiny" else [QWEN_VOCAB]
+    shapes = [(2, 2)] if args.quick else [(2, 3), (4, 3)]
+    segment_tokens = 4 if args.quick else args.segment_tokens
+    repeats = 1 if args.quick else args.repeats
+    prompts = PROMPTS[:2] if args.quick else PROMPTS
+    results = []
+    for vocab_size in vocabularies:
+        model = make_model(args.model, vocab_size, args.device)
+        for branch, depth in shapes:
+            case = bench_case(model, tokenizer, args.device, prompts=prompts, branch=branch, depth=depth,
+                              segment_tokens=segment_tokens, repeats=repeats)
+            case["vocab_size"] = vocab_size
+            results.append(case)
+            print(f"vocab {vocab_size:>6}  N={branch} D={depth} L={segment_tokens}  "
+                  f"tree {case['tree']['seconds']:.3f}s  reencode {case['reencode']['seconds']:.3f}s  "
+                  f"flat {case['flat']['seconds']:.3f}s  | tree/reencode {case['tree_over_reencode']:.2f}  "
+                  f"tree/flat {case['tree_over_flat']:.2f} (ideal {case['ideal_tree_over_flat']:.2f})  "
+                  f"| loss {case['loss']['seconds']:.3f}s, "
+                  f"{case['loss']['positions_per_counted_token']:.2f} positions a counted token", flush=True)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
+    print(json.dumps({"device": device_name, "model": args.model, "torch": torch.__version__, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
