@@ -14,7 +14,7 @@ import treerpo
 import reward
 from reward import gsm8k_reward
 from tiny import byte_tokenizer, tiny_model
-from treerpo import (TreeNode, assign_advantages, backward_loss, group_advantages, leaf_path_rows, leaves, nodes,
+from treerpo import (TreeNode, assign_advantages, backward_loss, format_tree, group_advantages, leaf_path_rows, leaves, nodes,
                      response_tokens, sample_trees, token_logprobs)
 
 PROMPTS = ["hello there", "a much longer prompt, with more words in it", "x"]  # three lengths: left padding
@@ -266,6 +266,38 @@ def test_readme_example_runs():
     assert len(leaves(namespace["roots"][0])) <= 4 ** 3 and "clip_fraction" in namespace["stats"]
 
 
+def test_format_tree_on_a_hand_built_tree(tokenizer):
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+    root = TreeNode(tokens=encode("Q: what is 2+3?\nA:"))
+    a = add(root, encode(" 2+3 is\tlikely"))
+    add(a, encode(" = 5\n"), 1.0), add(a, encode(" = 6, because three and two make six"), 0.0)
+    b = add(root, encode(" 5") + [tokenizer.eos_token_id], 1.0)
+    b.finished = True
+    assert format_tree(root, tokenizer, width=20) == "\n".join([
+        'prompt (18 tokens) "Q: what is 2+3?⏎A:"',
+        '├─ d1 " 2+3 is\\tlikely"',
+        '│  ├─ d2 " = 5⏎"  r=1',
+        '│  └─ d2 " = 6, because three…"  r=0',
+        '└─ d1 " 5<|im_end|>"  EOS  r=1',
+    ])
+    assign_advantages(root)
+    assert format_tree(root, tokenizer, width=20) == "\n".join([
+        'prompt (18 tokens) "Q: what is 2+3?⏎A:"  V=0.75  group: mean 0.75 std 0.35',
+        '├─ d1 " 2+3 is\\tlikely"  V=0.50  group: mean 0.50 std 0.71  A=-0.71',
+        '│  ├─ d2 " = 5⏎"  r=1  V=1.00  A=+0.71',
+        '│  └─ d2 " = 6, because three…"  r=0  V=0.00  A=-0.71',
+        '└─ d1 " 5<|im_end|>"  EOS  r=1  V=1.00  A=+0.71',
+    ])
+    assign_advantages(root, tau=0.6)  # the top group spans 0.5: pruned
+    assert format_tree(root, tokenizer, width=8, show=("advantage",)) == "\n".join([
+        'prompt (18 tokens) "…2+3?⏎A:"',
+        '├─ d1 " 2+3 is…"  pruned',
+        '│  ├─ d2 " = 5⏎"  A=+0.71',
+        '│  └─ d2 " = 6, b…"  A=-0.71',
+        '└─ d1 " 5<|im_…"  EOS  pruned',
+    ])
+
+
 # 6. Loss -------------------------------------------------------------------------------------
 
 
@@ -323,6 +355,33 @@ def test_micro_batching_does_not_change_the_gradient(tokenizer):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch, attention", [("qwen2", "sdpa"), ("llama", "sdpa"), ("qwen2", "eager")])
+def test_packed_tree_loss_equals_leaf_path_loss(tokenizer, arch, attention):
+    """One row per tree with a tree attention mask gives the leaf-path method's loss and gradient."""
+    model = eos_biased(tiny_model(len(tokenizer), arch=arch), tokenizer)  # EOS: uneven trees
+    model.config._attn_implementation = attention
+    roots = scored_trees(model, tokenizer)
+    roots[0].children[0].advantage = None  # a pruned node whose subtree is still counted
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        loss, stats = backward_loss(model, roots, packed=packed, micro_batch_size=4)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((loss, stats, grads))
+    (loss, stats, grads), (packed_loss, packed_stats, packed_grads) = results
+    assert packed_stats["tokens"] == stats["tokens"] and packed_stats["positions"] < stats["positions"]
+    assert packed_loss == pytest.approx(loss, abs=1e-5)
+    torch.testing.assert_close(packed_grads, grads, atol=1e-5, rtol=1e-4)
+    assert grads.abs().sum() > 0
+
+
+def test_packed_refuses_an_attention_without_custom_masks(tokenizer):
+    model = tiny_model(len(tokenizer))
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attn_implementation='sdpa' or 'eager'"):
+        backward_loss(model, scored_trees(tiny_model(len(tokenizer)), tokenizer), packed=True)
 
 
 def test_one_step_raises_the_rewarded_segment(tokenizer):
@@ -535,6 +594,8 @@ def test_smoke_run_covers_every_path_and_resume_is_exact(tmp_path):
     for key in ("reward", "tokens_generated", "loss", "kl", "grad_norm", "kept_nodes", "pruned_nodes", "sample_s"):
         assert key in straight[1]
     assert (tmp_path / "straight" / "checkpoint" / "model.safetensors").exists()
+    shown = (tmp_path / "straight" / "trees" / "step_2.txt").read_text()  # --show-tree-every 2 in smoke mode
+    assert shown.startswith("step 2, first question") and shown.count("\n") == 2 + 2 + 4  # 6 nodes + header
 
     run_script("--smoke", "--steps", "4", "--out", str(tmp_path / "resumed"))
     resumed = run_script("--smoke", "--steps", "6", "--resume", "--out", str(tmp_path / "resumed"))
@@ -555,6 +616,30 @@ def test_script_errors_are_clear(tmp_path, monkeypatch):
         train_gsm8k.load_model_and_tokenizer(train_gsm8k.Config(model="no-such/model"))
 
 
+def test_plot_renders_curves_of_two_runs(tmp_path):
+    import json
+    import train_gsm8k
+    pytest.importorskip("matplotlib")  # .ci/run installs it; without it the next test covers the message
+    for name, rewards in (("tree", [0.1, 0.3, 0.5]), ("grpo", [0.1, 0.2, 0.3])):
+        (tmp_path / name).mkdir()
+        records = [{"step": 0, "eval_lenient": 0.3, "eval_strict": 0.2}] + [
+            {"step": step + 1, "reward": reward, "response_tokens": 100.0, "tokens_generated": 5000, "sample_s": 2.0}
+            for step, reward in enumerate(rewards)]
+        records[-1] |= {"eval_lenient": 0.4, "eval_strict": 0.35}
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    train_gsm8k.main(["--plot", str(tmp_path / "tree"), str(tmp_path / "grpo")])
+    png = (tmp_path / "tree" / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+    import train_gsm8k
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        train_gsm8k.main(["--plot", str(tmp_path)])
+
+
 def test_help_lists_every_knob_with_its_default(capsys):
     import dataclasses
     import train_gsm8k
@@ -564,7 +649,7 @@ def test_help_lists_every_knob_with_its_default(capsys):
     for knob in dataclasses.fields(train_gsm8k.Config):
         assert f"--{knob.name.replace('_', '-')}" in parser_help
     assert "(default: 128)" in parser_help and "(default: Qwen/Qwen2.5-0.5B-Instruct)" in parser_help
-    config = train_gsm8k.parse_args([])
+    config, _ = train_gsm8k.parse_args([])
     assert (config.branch, config.depth, config.segment_tokens, config.lr) == (4, 3, 128, 1e-6)
-    smoke = train_gsm8k.parse_args(["--smoke", "--branch", "3"])
+    smoke, _ = train_gsm8k.parse_args(["--smoke", "--branch", "3"])
     assert smoke.smoke and smoke.depth == 2 and smoke.branch == 3  # smoke defaults, command line on top

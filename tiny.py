@@ -65,3 +65,60 @@ def tiny_model(vocab_size: int, arch: str = "qwen2", hidden: int = 64, layers: i
     else:
         raise ValueError(f"arch must be 'qwen2' or 'llama', got {arch!r}")
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# `python tiny.py`: one small tree of a tiny model, shown the five ways the README shows it.
+
+
+def letter_model(tokenizer, seed: int = 0):
+    """A tiny random model whose head is nudged toward lowercase letters and spaces, so that its
+    segments print as text, and toward EOS, so that some paths stop early."""
+    model = tiny_model(len(tokenizer), init_std=0.02, seed=seed)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tokenizer)))
+    with torch.no_grad():
+        model.lm_head.bias[tokenizer("abcdefghijklmnopqrstuvwxyz ", add_special_tokens=False).input_ids] = 6.0
+        model.lm_head.bias[tokenizer.eos_token_id] = 3.0
+    return model
+
+
+def loss_rows_picture(root, tokenizer, width: int = 12) -> str:
+    """Which node each leaf path's row trains: a node counts in the first row that reaches it."""
+    from treerpo import leaves, path_from_root
+    lines, seen = [], set()
+    for number, leaf in enumerate(leaves(root), start=1):
+        cells = []
+        for node in path_from_root(leaf):
+            text = tokenizer.decode(node.tokens)[:width]
+            if node in seen:
+                cells.append("(counted above)")
+            elif node.advantage is None:
+                cells.append(f"{text!r} pruned")
+            else:
+                cells.append(f"{text!r} A={node.advantage:+.2f}")
+            seen.add(node)
+        lines.append(f"row {number}: " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def main():
+    from treerpo import assign_advantages, format_tree, leaves, response_tokens, sample_trees
+    tokenizer = byte_tokenizer()
+    model = letter_model(tokenizer)
+    torch.manual_seed(0)
+    (root,) = sample_trees(model, tokenizer, ["Spell a word with an e: "], branch=2, depth=3, segment_tokens=5)
+    print("1. The tree: branch=2, depth=3, segment_tokens=5\n" + format_tree(root, tokenizer, show=()))
+    for leaf in leaves(root):  # the verifier: 1 if the response has an "e"
+        leaf.reward = float("e" in tokenizer.decode(response_tokens(leaf)))
+    assign_advantages(root)
+    print("\n2. The values: r on each leaf, V = mean of the children's V\n"
+          + format_tree(root, tokenizer, show=("reward", "value")))
+    print("\n3. The sibling groups: each parent's children, their mean and std\n"
+          + format_tree(root, tokenizer, show=("value", "group")))
+    print("\n4. The advantages: A = (V - mean) / std within the group; groups spanning < tau: pruned\n"
+          + format_tree(root, tokenizer, show=("value", "advantage")))
+    print("\n5. The loss mask: one row per leaf path, each node trained once\n" + loss_rows_picture(root, tokenizer))
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from reward import gsm8k_reward
-from treerpo import NORMS, assign_advantages, backward_loss, leaves, nodes, response_tokens, sample_trees
+from treerpo import NORMS, assign_advantages, backward_loss, format_tree, leaves, nodes, response_tokens, sample_trees
 
 
 def knob(default, help, choices=None):
@@ -60,6 +60,8 @@ class Config:
     eval_size: int = knob(200, "held-out GSM8K test questions to evaluate on")
     eval_batch_size: int = knob(64, "questions per greedy generate call in evaluation")
     save_every: int = knob(50, "checkpoint every this many steps (and at the end)")
+    show_tree_every: int = knob(0, "print the first tree of the step every this many steps, and save it "
+                                   "to <out>/trees/step_K.txt (0: never)")
     seed: int = knob(0, "random seed (data order and sampling)")
     device: str = knob("auto", "cuda, cpu, or auto (cuda; the CPU only when asked or with --smoke)")
     resume: bool = knob(False, "continue from <out>/checkpoint")
@@ -69,7 +71,7 @@ class Config:
 # --smoke changes these defaults (flags given on the command line still win).
 SMOKE = dict(out="out/smoke", branch=2, depth=2, segment_tokens=8, steps=4, prompts_per_step=4,
              sample_batch_size=2, micro_batch_size=4, lr=3e-3, eval_every=2, eval_size=12, eval_batch_size=6,
-             save_every=2, device="cpu")
+             save_every=2, show_tree_every=2, device="cpu")
 
 SYSTEM_PROMPT = ("Solve the math problem step by step. "
                  "Give the final answer as a number in \\boxed{}, for example \\boxed{42}.")
@@ -196,7 +198,7 @@ def train_step(model, ref_model, tokenizer, optimizer, problems, cfg: Config, de
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds["loss_and_update_s"] = time.perf_counter() - start
-    return {**tree_metrics(roots), "loss": loss, **stats, "grad_norm": grad_norm, **seconds}
+    return {**tree_metrics(roots), "loss": loss, **stats, "grad_norm": grad_norm, **seconds}, roots
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,6 +242,47 @@ def load_checkpoint_state(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Seeing what happens: one tree now and then, and the curves
+
+
+def show_tree(root, tokenizer, step: int, cfg: Config):
+    text = f"step {step}, first question of the batch:\n{format_tree(root, tokenizer, width=48)}\n"
+    tqdm.write(text)
+    folder = Path(cfg.out) / "trees"
+    folder.mkdir(exist_ok=True)
+    (folder / f"step_{step}.txt").write_text(text)
+
+
+CURVES = [("reward", "training reward (fraction of correct leaves)"), ("eval_lenient", "held-out Pass@1, lenient"),
+          ("eval_strict", "held-out Pass@1, strict"), ("response_tokens", "mean response tokens (leaves)"),
+          ("tokens_generated", "tokens generated per step"), ("sample_s", "seconds sampling per step")]
+
+
+def plot(out_dirs: list[str]) -> Path:
+    """Training curves of one or more runs (e.g. TreeRPO and GRPO) into <first out dir>/curves.png."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib, an optional dependency: pip install matplotlib")
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for out_dir in out_dirs:
+        records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+        for axis, (key, title) in zip(axes.flat, CURVES):
+            points = [(record["step"], record[key]) for record in records if key in record]
+            if points:
+                axis.plot(*zip(*points), marker=".", label=Path(out_dir).name)
+            axis.set_title(title)
+            axis.set_xlabel("step")
+    axes.flat[0].legend()
+    figure.tight_layout()
+    path = Path(out_dirs[0]) / "curves.png"
+    figure.savefig(path, dpi=80)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
 # Main
 
 
@@ -275,7 +318,10 @@ def train(cfg: Config):
     for step in bar:
         begin = step * cfg.prompts_per_step
         problems = [train_problems[(begin + i) % len(train_problems)] for i in range(cfg.prompts_per_step)]
-        record = {"step": step + 1, **train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)}
+        metrics, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)
+        record = {"step": step + 1, **metrics}
+        if cfg.show_tree_every and (step + 1) % cfg.show_tree_every == 0:
+            show_tree(roots[0], tokenizer, step + 1, cfg)
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
             start = time.perf_counter()
             record |= evaluate(model, tokenizer, eval_problems, cfg, device)
@@ -289,8 +335,11 @@ def train(cfg: Config):
     return record if cfg.steps > first_step else None
 
 
-def parse_args(argv=None) -> Config:
+def parse_args(argv=None) -> tuple[Config, list[str] | None]:
+    """The Config from the command line, and the folders of --plot (None when not plotting)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plot", nargs="+", metavar="OUT_DIR",
+                        help="plot the curves of these runs' metrics.jsonl into <first>/curves.png, and exit")
     for knob_field in dataclasses.fields(Config):
         flag = "--" + knob_field.name.replace("_", "-")
         help_text = f"{knob_field.metadata['help']} (default: %(default)s)"
@@ -303,11 +352,15 @@ def parse_args(argv=None) -> Config:
     if args.smoke:  # smoke defaults, then the command line again on top
         parser.set_defaults(**SMOKE)
         args = parser.parse_args(argv)
-    return Config(**vars(args))
+    plot_dirs = vars(args).pop("plot")
+    return Config(**vars(args)), plot_dirs
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, plot_dirs = parse_args(argv)
+    if plot_dirs:
+        print(f"wrote {plot(plot_dirs)}")
+        return
     try:
         train(cfg)
     except torch.cuda.OutOfMemoryError:

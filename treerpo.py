@@ -71,6 +71,54 @@ def response_tokens(node: TreeNode) -> list[int]:
     return [token for step in path_from_root(node) for token in step.tokens]
 
 
+def format_tree(root: TreeNode, tokenizer, width: int = 40,
+                show: tuple[str, ...] = ("reward", "value", "group", "advantage")) -> str:
+    """The tree as indented text, one line per node: depth, the segment's text (cut at `width`
+    characters, newlines shown as ⏎), EOS for a finished node, then the `show`n fields that are
+    set: r = reward (leaves), V = value, group = mean and std of a parent's children's values,
+    A = advantage, or `pruned` for the nodes of a dropped group. The root shows the prompt's end.
+
+        prompt (12 tokens) …"What is 2+3?"  V=0.50  group: mean 0.50 std 0.71
+        ├─ d1 "2+3 is 5"  V=1.00  A=+0.71
+        └─ d1 "I think 6"  V=0.00  A=-0.71
+    """
+    text = _preview(tokenizer.decode(root.tokens), width, keep_end=True)
+    lines = [f"prompt ({len(root.tokens)} tokens) {text}{_fields(root, show)}"]
+    return "\n".join(lines + _branch_lines(root, tokenizer, width, show, indent=""))
+
+
+def _branch_lines(node, tokenizer, width, show, indent) -> list[str]:
+    lines = []
+    for i, child in enumerate(node.children):
+        last = i == len(node.children) - 1
+        text = _preview(tokenizer.decode(child.tokens), width)
+        lines.append(f"{indent}{'└─' if last else '├─'} d{child.depth} {text}{_fields(child, show)}")
+        lines += _branch_lines(child, tokenizer, width, show, indent + ("   " if last else "│  "))
+    return lines
+
+
+def _preview(text: str, width: int, keep_end: bool = False) -> str:
+    """Quoted, one line: newlines as ⏎, other control characters escaped, cut to `width`."""
+    text = "".join("⏎" if char == "\n" else char if char.isprintable() else repr(char)[1:-1] for char in text)
+    if len(text) > width:
+        text = "…" + text[-width + 1:] if keep_end else text[:width - 1] + "…"
+    return f'"{text}"'
+
+
+def _fields(node: TreeNode, show) -> str:
+    fields = ["EOS"] if node.finished else []
+    if "reward" in show and not node.children and node.reward is not None:
+        fields.append(f"r={node.reward:g}")
+    if "value" in show and node.value is not None:
+        fields.append(f"V={node.value:.2f}")
+    if "group" in show and len(node.children) > 1 and node.children[0].value is not None:
+        mean, std = mean_and_std([child.value for child in node.children])
+        fields.append(f"group: mean {mean:.2f} std {std:.2f}")
+    if "advantage" in show and node.parent is not None and node.value is not None:
+        fields.append("pruned" if node.advantage is None else f"A={node.advantage:+.2f}")
+    return "".join("  " + field for field in fields)
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Sampling: one batched `generate` call per level, branching by copying the KV cache
 
@@ -324,17 +372,23 @@ def group_advantages(values: list[float], norm: str = "std", eps: float = 1e-6) 
     >>> [round(a, 3) for a in group_advantages([1.0, 0.0, 0.0, 0.0], norm="bernoulli")]
     [4.0, -1.333, -1.333, -1.333]
     """
-    mean = sum(values) / len(values)
+    mean, std = mean_and_std(values)
     centred = [value - mean for value in values]
     if norm == "std":
-        n = len(values)
-        std = math.sqrt(sum(c * c for c in centred) / (n - 1)) if n > 1 else 0.0
         return [c / (std + eps) for c in centred]
     if norm == "bernoulli":
         return [c / (mean * (1 - mean) + eps) for c in centred]
     if norm == "none":
         return centred
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+
+
+def mean_and_std(values: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation with Bessel's correction (as torch.std); std 0 for one value."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,18 +421,58 @@ def leaf_path_rows(root: TreeNode) -> list[dict]:
     return rows
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, columns=None):
-    """Teacher-forced log p(input_ids[:, t] | input_ids[:, :t]) under softmax(logits / temperature).
+def tree_packed_row(root: TreeNode) -> dict | None:
+    """The whole tree as one row, for `backward_loss(packed=True)`: the prompt, then depth-first
+    every node with something counted at or below it, each segment once. Beside the keys of
+    `leaf_path_rows` it holds per token `positions` (its position on its own path), `previous`
+    (the index of the token before it on its path, whose logits predict it) and `attention`
+    (T, T): token i sees token j when j <= i and j's node is i's node or one of its ancestors.
+    None when nothing is counted.
+    """
+    packed = [root] + [node for node in nodes(root)[1:] if any(n.advantage is not None for n in nodes(node))]
+    if len(packed) == 1:
+        return None
+    row = {key: [] for key in ("tokens", "advantages", "old_logprobs", "counted", "positions", "previous")}
+    owner, last = [], {}  # owner: the packed node of each token; last: each node's last token index
+    for slot, node in enumerate(packed):
+        start, length, counted = len(row["tokens"]), len(node.tokens), node.advantage is not None
+        parent_last = last[node.parent] if node.parent is not None else None
+        first_position = row["positions"][parent_last] + 1 if parent_last is not None else 0
+        row["tokens"] += node.tokens
+        row["advantages"] += [node.advantage if counted else 0.0] * length
+        row["old_logprobs"] += node.logprobs if node.logprobs is not None else [math.nan] * length
+        row["counted"] += [counted] * length
+        row["positions"] += range(first_position, first_position + length)
+        row["previous"] += [parent_last if parent_last is not None else -1] + list(range(start, start + length - 1))
+        owner += [slot] * length
+        last[node] = start + length - 1
+    slot_of = {node: slot for slot, node in enumerate(packed)}
+    sees = torch.zeros(len(packed), len(packed), dtype=torch.bool)  # sees[a, b]: b is a or an ancestor of a
+    for node in packed:
+        for step in path_from_root(node) + [root]:
+            sees[slot_of[node], slot_of[step]] = True
+    owner = torch.tensor(owner)
+    row["attention"] = sees[owner][:, owner].tril()  # (T, T)
+    return row
 
-    input_ids, attention_mask: (rows, T). columns: the token columns t to score, (K,); by default
-    1 .. T-1. Returns (rows, K).
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, columns=None, predictors=None,
+                   positions=None):
+    """Teacher-forced log p(token | the tokens before it) under softmax(logits / temperature).
+
+    input_ids: (rows, T); attention_mask: (rows, T), or (rows, 1, T, T) for a packed tree.
+    columns: the columns t to score, (K,); by default 1 .. T-1. predictors: (K,) the column whose
+    logits predict each, by default t - 1 (in a packed tree a segment's first token follows its
+    parent's last). positions: (rows, T) position ids, by default from the mask. Returns (rows, K).
     """
     if columns is None:
         columns = torch.arange(1, input_ids.shape[1], device=input_ids.device)
+    predictors = columns - 1 if predictors is None else predictors
+    positions = position_ids(attention_mask) if positions is None else positions
     # logits_to_keep: project onto the vocabulary only where a token is scored. The prompt's
-    # positions need none; with Qwen's 151k vocabulary these logits are most of the loss's memory.
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                   logits_to_keep=columns - 1).logits  # (rows, K, V): position t - 1 predicts token t
+    # positions need none; with Qwen's 151k vocabulary this cut the bench's loss step 12x (CPU).
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions,
+                   logits_to_keep=predictors).logits  # (rows, K, V)
     logits = logits.float() / temperature
     targets = input_ids[:, columns, None]
     # log_softmax gathered at the target, without materialising a second (rows, K, V) tensor
@@ -406,7 +500,7 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, c
 
 
 def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: float = 0.0, clip_eps: float = 0.2,
-                  temperature: float = 1.0, micro_batch_size: int = 8) -> tuple[float, dict]:
+                  temperature: float = 1.0, micro_batch_size: int = 8, packed: bool = False) -> tuple[float, dict]:
     """Compute the TreeRPO loss over scored trees and back-propagate it; the caller steps the optimizer.
 
     The loss is the mean over every counted token of the batch (SPEC §4). It is computed and
@@ -414,10 +508,19 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
     that memory holds one micro-batch's activations, not the whole batch's. Old log-probs are the
     recorded sampling-time ones; where none were recorded the update is taken as on-policy
     (ratio 1, plain policy gradient). Returns the loss value and a dict of stats.
+
+    packed=False: one row per leaf path (`leaf_path_rows`), `micro_batch_size` rows a forward;
+    shared prefixes are forwarded once per leaf. packed=True: one row per tree (`tree_packed_row`)
+    with a tree attention mask, one tree a forward; every token is forwarded once. Needs the
+    model's attention to take a custom 4D mask: attn_implementation "sdpa" or "eager".
     """
     if kl_coef and ref_model is None:
         raise ValueError("kl_coef > 0 needs ref_model, the frozen starting model")
-    rows = [row for root in trees for row in leaf_path_rows(root)]
+    if packed:
+        _check_packable(model)
+        rows, micro_batch_size = [row for root in trees if (row := tree_packed_row(root))], 1
+    else:
+        rows = [row for root in trees for row in leaf_path_rows(root)]
     rows.sort(key=lambda row: len(row["tokens"]))  # similar lengths per micro-batch: less padding
     generated = [node for root in trees for node in nodes(root)[1:]]
     kept = [node for node in generated if node.advantage is not None]
@@ -428,9 +531,10 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
              "clip_fraction": 0.0}
     total_loss = 0.0
     for start in range(0, len(rows), micro_batch_size):
-        batch = collate(rows[start:start + micro_batch_size], model.device)
+        batch = collate(rows[start:start + micro_batch_size], model)
         columns = batch["counted"].any(0).nonzero().squeeze(1)  # (K,) columns where some row is counted
-        inputs = (batch["input_ids"], batch["attention_mask"], temperature, columns)
+        inputs = (batch["input_ids"], batch["attention_mask"], temperature, columns, batch["previous"][columns],
+                  batch["positions"])
         logprobs = token_logprobs(model, *inputs)  # (rows, K)
         ref_logprobs = None
         if kl_coef:
@@ -448,13 +552,34 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
     return total_loss, stats
 
 
-def collate(rows: list[dict], device) -> dict:
-    """Right-pad `leaf_path_rows` rows into (rows, T) tensors: input_ids, attention_mask,
-    advantages, old_logprobs, counted. Padding is never counted, whatever token fills it."""
+def collate(rows: list[dict], model) -> dict:
+    """Right-pad rows of `leaf_path_rows` into (rows, T) tensors on the model's device: input_ids,
+    attention_mask, positions, advantages, old_logprobs, counted, and previous (T,), the column
+    that predicts each. Padding is never counted, whatever token fills it. A packed tree
+    (`tree_packed_row`, one per batch) brings its own positions, predecessors and 4D mask."""
     input_ids, attention_mask = pad_rows([row["tokens"] for row in rows], pad_id=0, side="right")
     width = input_ids.shape[1]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": position_ids(attention_mask),
+             "previous": torch.arange(width) - 1}
+    if "attention" in rows[0]:
+        (row,) = rows
+        batch |= {"attention_mask": _additive_mask(row["attention"], model), "positions": torch.tensor([row["positions"]]),
+                  "previous": torch.tensor(row["previous"])}
     for key, fill, dtype in (("advantages", 0.0, torch.float), ("old_logprobs", math.nan, torch.float),
                              ("counted", False, torch.bool)):
         batch[key] = torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], dtype=dtype)
-    return {key: tensor.to(device) for key, tensor in batch.items()}
+    return {key: tensor.to(model.device) for key, tensor in batch.items()}
+
+
+def _additive_mask(sees, model):
+    """A (T, T) "may attend" matrix as the (1, 1, T, T) mask the attention takes as it is:
+    boolean for sdpa, 0 / -inf-like floats added to the scores for eager."""
+    if model.config._attn_implementation == "sdpa":
+        return sees[None, None]
+    return torch.zeros(sees.shape).masked_fill(~sees, torch.finfo(torch.float32).min)[None, None]
+
+
+def _check_packable(model):
+    if model.config._attn_implementation not in ("sdpa", "eager"):
+        raise ValueError("packed=True needs an attention that takes a custom 4D mask: load the model with "
+                         f"attn_implementation='sdpa' or 'eager', not {model.config._attn_implementation!r}")
