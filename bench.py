@@ -188,17 +188,20 @@ def bench_case(model, tokenizer, device, *, prompts, branch, depth, segment_toke
             leaf.reward = float(torch.randint(0, 2, (1,), generator=generator))
         assign_advantages(root, tau=0.0)
 
-    def loss_step():
+    def loss_step(packed):
         model.zero_grad(set_to_none=True)
-        return backward_loss(model, roots, micro_batch_size=16)[1]
+        return backward_loss(model, roots, micro_batch_size=16, packed=packed)[1]
 
-    loss, stats = measure(loss_step, model, device, repeats)
-    loss["counted_tokens"] = stats["tokens"]
-    loss["positions_per_counted_token"] = stats["positions"] / stats["tokens"]
+    loss, stats = measure(lambda: loss_step(False), model, device, repeats)
+    packed, packed_stats = measure(lambda: loss_step(True), model, device, repeats)
+    for figures, figures_stats in ((loss, stats), (packed, packed_stats)):
+        figures["counted_tokens"] = figures_stats["tokens"]
+        figures["positions_per_counted_token"] = figures_stats["positions"] / figures_stats["tokens"]
 
     levels = sum(branch ** d for d in range(1, depth + 1))
     return {"branch": branch, "depth": depth, "segment_tokens": segment_tokens, "prompts": len(prompts),
-            "tree": tree, "reencode": reencode, "flat": flat, "loss": loss,
+            "tree": tree, "reencode": reencode, "flat": flat, "loss": loss, "loss_packed": packed,
+            "packed_over_leaf_paths": packed["seconds"] / loss["seconds"],
             "tree_over_reencode": tree["seconds"] / reencode["seconds"],
             "tree_over_flat": tree["seconds"] / flat["seconds"],
             "ideal_tree_over_flat": levels / (branch ** depth * depth)}
@@ -211,6 +214,7 @@ def main():
     parser.add_argument("--model", default="tiny", choices=["tiny", "qwen2.5-0.5b"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--segment-tokens", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=2, help="prompts per batch (at most 4)")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())  # as the machine gives it; recorded below
 
@@ -219,7 +223,7 @@ def main():
     shapes = [(2, 2)] if args.quick else [(2, 3), (4, 3)]
     segment_tokens = 4 if args.quick else args.segment_tokens
     repeats = 1 if args.quick else args.repeats
-    prompts = PROMPTS[:2] if args.quick else PROMPTS
+    prompts = PROMPTS[:2] if args.quick else PROMPTS[:args.prompts]
     results = []
     for vocab_size in vocabularies:
         model = make_model(args.model, vocab_size, args.device)
@@ -233,7 +237,9 @@ def main():
                   f"flat {case['flat']['seconds']:.3f}s  | tree/reencode {case['tree_over_reencode']:.2f}  "
                   f"tree/flat {case['tree_over_flat']:.2f} (ideal {case['ideal_tree_over_flat']:.2f})  "
                   f"| loss {case['loss']['seconds']:.3f}s, "
-                  f"{case['loss']['positions_per_counted_token']:.2f} positions a counted token", flush=True)
+                  f"{case['loss']['positions_per_counted_token']:.2f} positions a counted token; packed "
+                  f"{case['loss_packed']['seconds']:.3f}s, {case['loss_packed']['positions_per_counted_token']:.2f}",
+                  flush=True)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(json.dumps({"device": device_name, "model": args.model, "torch": torch.__version__, "results": results}))
 

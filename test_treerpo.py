@@ -653,3 +653,20 @@ def test_help_lists_every_knob_with_its_default(capsys):
     assert (config.branch, config.depth, config.segment_tokens, config.lr) == (4, 3, 128, 1e-6)
     smoke, _ = train_gsm8k.parse_args(["--smoke", "--branch", "3"])
     assert smoke.smoke and smoke.depth == 2 and smoke.branch == 3  # smoke defaults, command line on top
+
+
+# bench.py ------------------------------------------------------------------------------------
+
+
+def test_bench_quick_prints_one_json_line_of_figures():
+    import json
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "bench.py", "--quick"], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout
+    figures = json.loads(out.strip().splitlines()[-1])
+    for case in figures["results"]:
+        assert case["ideal_tree_over_flat"] == pytest.approx((2 + 4) / (4 * 2))  # N=2, D=2
+        assert case["tree"]["positions"] < case["reencode"]["positions"]  # the cache saves re-encoding
+        assert case["loss_packed"]["positions_per_counted_token"] < case["loss"]["positions_per_counted_token"]
+        assert case["tree"]["tokens"] == 2 * (2 + 4) * 4  # prompts x segments x L: no EOS at this vocab
