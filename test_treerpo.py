@@ -670,3 +670,10 @@ def test_bench_quick_prints_one_json_line_of_figures():
         assert case["tree"]["positions"] < case["reencode"]["positions"]  # the cache saves re-encoding
         assert case["loss_packed"]["positions_per_counted_token"] < case["loss"]["positions_per_counted_token"]
         assert case["tree"]["tokens"] == 2 * (2 + 4) * 4  # prompts x segments x L: no EOS at this vocab
+
+
+def test_readme_pictures_are_the_output_of_python_tiny_py(capsys):
+    import tiny
+    tiny.main()
+    pictures = capsys.readouterr().out.rstrip("\n")
+    assert pictures in Path(__file__).with_name("README.md").read_text()

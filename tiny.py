@@ -91,7 +91,7 @@ def loss_rows_picture(root, tokenizer, width: int = 12) -> str:
         for node in path_from_root(leaf):
             text = tokenizer.decode(node.tokens)[:width]
             if node in seen:
-                cells.append("(counted above)")
+                cells.append("(in a row above)")
             elif node.advantage is None:
                 cells.append(f"{text!r} pruned")
             else:
