@@ -24,8 +24,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tiny import byte_tokenizer, tiny_model
-from treerpo import (add_children, assign_advantages, backward_loss, leaves, nodes, pad_rows, response_tokens,
-                     sample_trees)
+from treerpo import (TreeNode, add_children, assign_advantages, backward_loss, leaves, nodes, pad_rows,
+                     response_tokens, sample_trees)
 
 PROMPTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
            "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
@@ -85,7 +85,6 @@ def sample_flat(model, tokenizer, prompts, *, samples, max_new_tokens):
 
 
 def treerpo_root(tokenizer, prompt):
-    from treerpo import TreeNode
     return TreeNode(tokens=tokenizer(prompt, add_special_tokens=False).input_ids)
 
 
@@ -216,7 +215,6 @@ def main():
     parser.add_argument("--segment-tokens", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=2, help="prompts per batch (at most 4)")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())  # as the machine gives it; recorded below
 
     tokenizer = byte_tokenizer()
     vocabularies = [len(tokenizer), QWEN_VOCAB] if args.model == "tiny" else [QWEN_VOCAB]

@@ -105,17 +105,18 @@ def load_model_and_tokenizer(cfg: Config, path: str | None = None):
     """The policy in fp32 (AdamW at lr 1e-6 needs fp32 weights: bf16 would round most updates
     away); compute runs in bf16 under autocast on CUDA. `path`: a checkpoint to load instead."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tiny import byte_tokenizer, tiny_model
     if cfg.smoke:
-        from tiny import byte_tokenizer, tiny_model
         tokenizer = byte_tokenizer()
-        model = tiny_model(len(tokenizer), init_std=0.02, seed=cfg.seed)
     else:
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         except OSError as error:
             raise SystemExit(f"could not load the tokenizer of {cfg.model!r}: {error}\n"
                              "Check the name and the network, or pass --model with a local folder.")
-    if path is not None or not cfg.smoke:
+    if cfg.smoke and path is None:
+        model = tiny_model(len(tokenizer), init_std=0.02, seed=cfg.seed)
+    else:
         try:
             model = AutoModelForCausalLM.from_pretrained(path or cfg.model, dtype=torch.float32)
         except OSError as error:
@@ -310,7 +311,10 @@ def train(cfg: Config):
     eval_problems = load_problems(cfg, "test")[:cfg.eval_size]
 
     metrics_file = open(out / "metrics.jsonl", "a")
-    log = lambda record: metrics_file.write(json.dumps(record) + "\n") or metrics_file.flush()  # noqa: E731
+
+    def log(record):
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()  # a crash or Ctrl-C keeps every finished step
     if first_step == 0:
         log({"step": 0, **evaluate(model, tokenizer, eval_problems, cfg, device)})
 

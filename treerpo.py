@@ -563,7 +563,7 @@ def collate(rows: list[dict], model) -> dict:
              "previous": torch.arange(width) - 1}
     if "attention" in rows[0]:
         (row,) = rows
-        batch |= {"attention_mask": _additive_mask(row["attention"], model), "positions": torch.tensor([row["positions"]]),
+        batch |= {"attention_mask": _mask_4d(row["attention"], model), "positions": torch.tensor([row["positions"]]),
                   "previous": torch.tensor(row["previous"])}
     for key, fill, dtype in (("advantages", 0.0, torch.float), ("old_logprobs", math.nan, torch.float),
                              ("counted", False, torch.bool)):
@@ -571,8 +571,8 @@ def collate(rows: list[dict], model) -> dict:
     return {key: tensor.to(model.device) for key, tensor in batch.items()}
 
 
-def _additive_mask(sees, model):
-    """A (T, T) "may attend" matrix as the (1, 1, T, T) mask the attention takes as it is:
+def _mask_4d(sees, model):
+    """A (T, T) "may attend" matrix as the (1, 1, T, T) mask the attention uses as given:
     boolean for sdpa, 0 / -inf-like floats added to the scores for eager."""
     if model.config._attn_implementation == "sdpa":
         return sees[None, None]
