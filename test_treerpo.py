@@ -158,7 +158,7 @@ def test_depth_one_is_grpo(tokenizer):
     roots = sample_trees(model, tokenizer, PROMPTS, branch=4, depth=1, segment_tokens=6)
     torch.manual_seed(3)  # the same random stream: the very same samples, drawn by plain generate
     batch = tokenizer(PROMPTS, add_special_tokens=False, return_tensors="pt", padding=True, padding_side="left")
-    flat = model.generate(**batch, max_new_tokens=6, do_sample=True, top_k=0, num_return_sequences=4,
+    flat = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=6, do_sample=True, top_k=0, num_return_sequences=4,
                           pad_token_id=tokenizer.pad_token_id)[:, batch.input_ids.shape[1]:]
     assert [child.tokens for root in roots for child in root.children] == flat.tolist()
 
@@ -259,11 +259,17 @@ def test_doctests():
     assert doctest.testmod(treerpo).failed == 0 and doctest.testmod(reward).failed == 0
 
 
-def test_readme_example_runs():
+def test_readme_example_trains(capsys, monkeypatch, tmp_path):
+    """The README's usage example, run from another folder as a reader would: every step counts
+    tokens, the loss moves, and the reward rises."""
     readme = Path(__file__).with_name("README.md").read_text()
-    namespace = {}
-    exec(readme.split("```python\n")[1].split("```")[0], namespace)
-    assert len(leaves(namespace["roots"][0])) <= 4 ** 3 and "clip_fraction" in namespace["stats"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # the README says: from the repository's folder
+    exec(readme.split("```python\n")[1].split("```")[0], {"__name__": "readme"})
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    rewards, losses, tokens = ([float(line[index]) for line in lines] for index in (3, 5, 8))
+    assert len(lines) == 20 and min(tokens) > 0 and len(set(losses)) > 1
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
 
 
 def test_format_tree_on_a_hand_built_tree(tokenizer):
@@ -437,6 +443,49 @@ def test_treerpo_learns_a_toy_task(tokenizer):
     assert first < 0.2 and last > 0.5, mean_rewards
 
 
+# LoRA: a PeftModel goes through treerpo.py unchanged --------------------------------------------
+
+
+def test_a_lora_model_needs_no_change(tokenizer):
+    peft = pytest.importorskip("peft")
+    from train_gsm8k import adapters_off
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    model = peft.get_peft_model(eos_biased(tiny_model(len(tokenizer)), tokenizer), config)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0): give the adapters weight, so they matter
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
+    torch.manual_seed(0)
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=2, depth=2, segment_tokens=4, temperature=0.7,
+                         return_logprobs=True)
+    for root in roots:
+        for node in nodes(root)[1:]:
+            assert node.logprobs == pytest.approx(teacher_forced(model, root, node, 0.7).tolist(), abs=1e-4)
+        for number, leaf in enumerate(leaves(root)):
+            leaf.reward = float(number % 2)
+        assign_advantages(root, tau=0.0)
+    loss, stats = backward_loss(model, roots, ref_model=adapters_off(model), kl_coef=0.1, temperature=0.7)
+    assert stats["tokens"] > 0 and stats["kl"] > 0  # the reference (adapters off) differs from the policy
+    trained = {name for name, parameter in model.named_parameters() if parameter.grad is not None}
+    assert trained and all("lora_" in name for name in trained)  # only the adapters learn
+    root, node = roots[0], nodes(roots[0])[1]
+    with model.disable_adapter():
+        without_adapters = teacher_forced(model, root, node)
+    assert not torch.allclose(without_adapters, teacher_forced(model, root, node))  # the adapters were in the path
+
+
+def test_lora_training_run_and_its_resume(tmp_path):
+    pytest.importorskip("peft")
+    straight = run_script("--smoke", "--lora-rank", "4", "--lr", "3e-2", "--steps", "4", "--out", str(tmp_path / "a"))
+    assert any(record.get("kept_nodes", 0) > 0 and record["grad_norm"] > 0 for record in straight)
+    assert (tmp_path / "a" / "checkpoint" / "adapter_model.safetensors").exists()  # adapters only, not the model
+    assert not (tmp_path / "a" / "checkpoint" / "model.safetensors").exists()
+    run_script("--smoke", "--lora-rank", "4", "--lr", "3e-2", "--steps", "2", "--out", str(tmp_path / "b"))
+    resumed = run_script("--smoke", "--lora-rank", "4", "--lr", "3e-2", "--steps", "4", "--resume",
+                         "--out", str(tmp_path / "b"))
+    assert [without_timings(r) for r in resumed[3:]] == [without_timings(r) for r in straight[3:]]
+
+
 # 8. Bad input --------------------------------------------------------------------------------
 
 
@@ -486,6 +535,44 @@ def test_bad_rewards_are_refused(reward, message):
     leaves(root)[0].reward = reward
     with pytest.raises(ValueError, match=message):
         assign_advantages(root)
+
+
+def test_greedy_sampling_ignores_temperature_and_top_p(tokenizer):
+    model = tiny_model(len(tokenizer))
+    greedy = dict(branch=1, depth=1, segment_tokens=4, do_sample=False)
+    zero = sample_trees(model, tokenizer, ["hi"], temperature=0.0, top_p=0.0, **greedy)
+    assert zero[0].children[0].tokens == sample_trees(model, tokenizer, ["hi"], **greedy)[0].children[0].tokens
+
+
+@pytest.mark.parametrize("flag", ["branch", "depth", "segment_tokens"])
+def test_booleans_are_not_counts(tokenizer, flag):
+    arguments = dict(branch=2, depth=1, segment_tokens=2) | {flag: True}
+    with pytest.raises(ValueError, match=f"{flag} must be an integer >= 1, got True"):
+        sample_trees(tiny_model(len(tokenizer)), tokenizer, ["hi"], **arguments)
+
+
+def scored_tree(tokenizer, model):
+    (root,) = sample_trees(model, tokenizer, ["hi"], branch=2, depth=2, segment_tokens=3)
+    for number, leaf in enumerate(leaves(root)):
+        leaf.reward = float(number % 2)
+    return root
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda root: dict(trees=[TreeNode(tokens=[1, 2])]), "tree 0 has no values or advantages: call assign_advantages"),
+    (lambda root: dict(trees=root), "trees must be a list of TreeNode roots, got TreeNode"),
+    (lambda root: dict(temperature=0.0), "temperature must be > 0"),
+    (lambda root: dict(micro_batch_size=0), "micro_batch_size must be an integer >= 1, got 0"),
+    (lambda root: dict(micro_batch_size=2.0), "micro_batch_size must be an integer >= 1, got 2.0"),
+])
+def test_bad_loss_arguments_are_refused_before_any_forward(tokenizer, change, message):
+    model = tiny_model(len(tokenizer))
+    root = scored_tree(tokenizer, model)
+    assign_advantages(root, tau=0.0)
+    arguments = dict(trees=[root]) | change(root)
+    with pytest.raises(ValueError, match=message):
+        backward_loss(model, arguments.pop("trees"), **arguments)
+    assert all(parameter.grad is None for parameter in model.parameters())  # nothing ran
 
 
 def test_bad_norm_and_missing_reference_are_refused(tokenizer):
@@ -575,7 +662,7 @@ def run_script(*args):
     import json
     import subprocess
     import sys
-    out = next(arg for arg in args if "/" in arg)
+    out = args[args.index("--out") + 1]
     subprocess.run([sys.executable, "train_gsm8k.py", *args], check=True, cwd=Path(__file__).parent,
                    capture_output=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -603,17 +690,114 @@ def test_smoke_run_covers_every_path_and_resume_is_exact(tmp_path):
     assert [without_timings(r) for r in resumed[5:]] == [without_timings(r) for r in straight[5:]]
 
 
-def test_script_errors_are_clear(tmp_path, monkeypatch):
+def test_script_errors_are_clear(tmp_path, monkeypatch, capsys):
     import train_gsm8k
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="(?s)no CUDA GPU found.*--device cpu"):
         train_gsm8k.main(["--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--resume: no checkpoint"):
+    with pytest.raises(SystemExit):
         train_gsm8k.main(["--smoke", "--resume", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="could not load the GSM8K dataset"):
+    assert "error: --resume: no checkpoint in" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="could not load the dataset 'openai/gsm8k'"):
         train_gsm8k.load_problems(train_gsm8k.Config(), "train")
     with pytest.raises(SystemExit, match="could not load the tokenizer of 'no-such/model'"):
         train_gsm8k.load_model_and_tokenizer(train_gsm8k.Config(model="no-such/model"))
+
+
+def refused(argv, capsys, monkeypatch) -> str:
+    """Run train_gsm8k.main(argv), which must refuse it argparse-style (exit 2, one "error:" line)
+    before loading any data or model; returns that line."""
+    import train_gsm8k
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded something before refusing a bad flag")
+    for loader in ("load_problems", "load_model_and_tokenizer", "evaluate"):
+        monkeypatch.setattr(train_gsm8k, loader, must_not_load)
+    with pytest.raises(SystemExit) as exit_info:
+        train_gsm8k.main(argv)
+    assert exit_info.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    return line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--branch", "0"], "--branch must be >= 1, got 0"),
+    (["--save-every", "0"], "--save-every must be >= 1, got 0"),
+    (["--prompts-per-step", "0"], "--prompts-per-step must be >= 1, got 0"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
+    (["--sample-batch-size", "0"], "--sample-batch-size must be >= 1, got 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1, got 0"),
+    (["--width", "0"], "--width must be >= 1, got 0"),
+    (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    (["--lr", "nan"], "--lr must be > 0, got nan"),
+    (["--steps", "-1"], "--steps must be >= 0, got -1"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be >= 0, got -0.1"),
+    (["--data", "/no/such/folder/train.jsonl,/no/such/test.jsonl"], "no train file at /no/such/folder/train.jsonl"),
+    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
+])
+def test_bad_flags_are_refused_before_anything_loads(tmp_path, capsys, monkeypatch, flags, message):
+    line = refused(["--smoke", "--out", str(tmp_path / "run"), *flags], capsys, monkeypatch)
+    assert line.endswith("error: " + message) or message in line
+
+
+def test_unwritable_out_and_plot_without_metrics_are_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    assert "cannot create a folder there" in refused(["--smoke", "--out", str(tmp_path / "a_file" / "run")],
+                                                     capsys, monkeypatch)
+    assert f"--plot: no metrics.jsonl in {tmp_path}" in refused(["--plot", str(tmp_path)], capsys, monkeypatch)
+
+
+def test_out_in_use_is_refused_and_a_finished_run_is_not_resumed(tmp_path, capsys, monkeypatch):
+    import json
+    out = tmp_path / "run"
+    first = run_script("--smoke", "--steps", "2", "--out", str(out))
+    assert "already holds a run (metrics.jsonl): pass --resume" in refused(["--smoke", "--out", str(out)], capsys,
+                                                                           monkeypatch)
+    assert "already reached step 2 of --steps 2; raise --steps" in refused(
+        ["--smoke", "--steps", "2", "--resume", "--out", str(out)], capsys, monkeypatch)
+    monkeypatch.undo()
+    again = run_script("--smoke", "--steps", "2", "--overwrite", "--out", str(out))  # starts over, same seed
+    assert [json.dumps(without_timings(r)) for r in again] == [json.dumps(without_timings(r)) for r in first]
+
+
+def test_bad_data_files_are_named_with_their_line(tmp_path, capsys):
+    import json
+    import train_gsm8k
+    good = {"question": "Tom has 2 apples and buys 3 more. How many?", "answer": "2 + 3 = 5\n#### 5"}
+    cases = {"no_answer": [good, {"question": "What?"}], "no_hashes": [good, good, {**good, "answer": "It is 5."}],
+             "empty": []}
+    messages = {"no_answer": "no_answer/train.jsonl: line 3: the record has no 'answer' text",
+                "no_hashes": "no_hashes/train.jsonl: line 4: the answer has no final '#### <number>'",
+                "empty": "empty/train.jsonl: no problems in this split"}
+    for name, records in cases.items():
+        (tmp_path / name).mkdir()
+        lines = [json.dumps(record) for record in records]
+        (tmp_path / name / "train.jsonl").write_text("\n".join(lines[:1] + [""] + lines[1:]) + "\n")  # a blank line
+        (tmp_path / name / "test.jsonl").write_text(json.dumps(good) + "\n")
+        with pytest.raises(SystemExit, match=messages[name]):
+            train_gsm8k.load_problems(train_gsm8k.Config(data=str(tmp_path / name)), "train")
+    test = train_gsm8k.load_problems(train_gsm8k.Config(data=str(tmp_path / "empty")), "test")
+    assert test == [good]
+
+
+def test_smoke_honours_model_and_data(tmp_path):
+    import json
+    data = tmp_path / "data"
+    data.mkdir()
+    problem = {"question": "What is 7 + 1?", "answer": "7 + 1 = 8\n#### 8"}
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text(json.dumps(problem) + "\n")
+    records = run_script("--smoke", "--steps", "1", "--data", str(data), "--out", str(tmp_path / "run"))
+    assert records[1]["leaves"] == 4 * 4  # 4 prompts a step, all the one local problem: 2 x 2 leaves each
+    shown = run_script("--smoke", "--steps", "2", "--data", str(data), "--show-tree-every", "1",
+                       "--out", str(tmp_path / "shown"))
+    assert "What is 7 + 1?" in (tmp_path / "shown" / "trees" / "step_1.txt").read_text() and len(shown) == 3
+    import subprocess
+    import sys
+    failed = subprocess.run([sys.executable, "train_gsm8k.py", "--smoke", "--model", str(tmp_path / "no-model"),
+                             "--out", str(tmp_path / "bad")], cwd=Path(__file__).parent, capture_output=True,
+                            text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert failed.returncode != 0 and "could not load the tokenizer of" in failed.stderr  # --model is used
 
 
 def test_plot_renders_curves_of_two_runs(tmp_path):
@@ -636,6 +820,7 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     import sys
     import train_gsm8k
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_lenient": 0.5}\n')
     with pytest.raises(SystemExit, match="pip install matplotlib"):
         train_gsm8k.main(["--plot", str(tmp_path)])
 

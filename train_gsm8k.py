@@ -1,7 +1,8 @@
 """Train Qwen2.5-0.5B-Instruct on GSM8K with TreeRPO, on one GPU.
 
     python train_gsm8k.py                                     # TreeRPO: branch 4, depth 3, 128-token segments
-    python train_gsm8k.py --depth 1 --branch 8 --segment-tokens 384 --out out/grpo   # GRPO, same code path
+    python train_gsm8k.py --method grpo --out out/grpo        # GRPO: 8 answers of 3 x 128 tokens, same code path
+    python train_gsm8k.py --method treepo --out out/treepo    # TreePO (treepo.py): 8 leaves, dynamic branching
     python train_gsm8k.py --smoke                             # every path, offline, on the CPU, in seconds
 
 Each step: one tree per prompt (treerpo.sample_trees) -> GSM8K reward on every leaf (reward.py) ->
@@ -9,13 +10,18 @@ values and sibling advantages -> PPO-clip loss, back-propagated -> AdamW step.
 Greedy Pass@1 on a held-out slice of the GSM8K test split before training, every --eval-every
 steps and at the end, scored strictly (`\\boxed{}`/`####` only) and leniently (last number too).
 Writes <out>/metrics.jsonl (one JSON object per step) and <out>/checkpoint (--resume goes on from it).
-Every knob is a field of Config and a flag; `--help` shows the defaults.
+Every knob is a field of Config and a flag; `--help` shows the defaults. Every flag is checked
+before anything is loaded.
 """
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import math
+import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +29,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from reward import gsm8k_reward
+import treepo
+from reward import gsm8k_reward, reference_answer
 from treerpo import NORMS, assign_advantages, backward_loss, format_tree, leaves, nodes, response_tokens, sample_trees
+
+METHODS = ("treerpo", "grpo", "treepo")
 
 
 def knob(default, help, choices=None):
@@ -33,12 +42,19 @@ def knob(default, help, choices=None):
 
 @dataclass
 class Config:
-    model: str = knob("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face model name or local path")
+    model: str = knob("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face model name, a local model folder, or 'tiny' "
+                                                    "(a tiny random model, offline)")
+    data: str = knob("openai/gsm8k", "hub dataset name; a folder with train.jsonl and test.jsonl; "
+                                     "TRAIN.jsonl,TEST.jsonl; or 'smoke' (12 built-in problems)")
     out: str = knob("out/treerpo", "folder for metrics.jsonl and the checkpoint")
+    method: str = knob("treerpo", "treerpo: a full tree; grpo: --width answers of depth * segment-tokens "
+                                  "tokens; treepo: treepo.py's budgeted tree of --width leaves", choices=METHODS)
     # the tree (SPEC §5: N=4, D=3, L=128 is 84 segments, 64 leaves, ~10.7k tokens per prompt)
-    branch: int = knob(4, "children per node (N); with --depth 1 this is GRPO's group size")
-    depth: int = knob(3, "levels of segments below the prompt (D); 1 is GRPO")
-    segment_tokens: int = knob(128, "tokens per segment (L); a response is at most depth * L tokens")
+    branch: int = knob(4, "treerpo: children per node (N); with --depth 1 this is GRPO's group size")
+    depth: int = knob(3, "levels of segments below the prompt (D); a response is at most depth * L tokens")
+    segment_tokens: int = knob(128, "tokens per segment (L)")
+    width: int = knob(8, "grpo: answers per question (G); treepo: the leaf budget per question (W)")
+    divergence: int = knob(2, "treepo: continuations per active path and level, budget permitting")
     temperature: float = knob(0.6, "sampling temperature (the published recipe's)")
     # advantages and loss
     norm: str = knob("std", "advantage normalisation", choices=NORMS)
@@ -55,6 +71,8 @@ class Config:
     weight_decay: float = knob(0.0, "AdamW weight decay")
     grad_clip: float = knob(1.0, "gradient norm clip")
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass: less memory")
+    lora_rank: int = knob(0, "train LoRA adapters of this rank instead of every weight (needs peft); "
+                             "the KL reference is then the model with its adapters off. 0: full fine-tuning")
     # evaluation and bookkeeping
     eval_every: int = knob(25, "evaluate every this many steps (0: only before and after)")
     eval_size: int = knob(200, "held-out GSM8K test questions to evaluate on")
@@ -65,13 +83,14 @@ class Config:
     seed: int = knob(0, "random seed (data order and sampling)")
     device: str = knob("auto", "cuda, cpu, or auto (cuda; the CPU only when asked or with --smoke)")
     resume: bool = knob(False, "continue from <out>/checkpoint")
-    smoke: bool = knob(False, "offline CPU run of every path: tiny random model, 12 built-in problems")
+    overwrite: bool = knob(False, "start over in an --out that already holds a run (its files are deleted)")
+    smoke: bool = knob(False, "offline CPU run of every path: --model tiny, --data smoke, a small tree, 4 steps")
 
 
-# --smoke changes these defaults (flags given on the command line still win).
-SMOKE = dict(out="out/smoke", branch=2, depth=2, segment_tokens=8, steps=4, prompts_per_step=4,
+# --smoke changes these defaults (flags given on the command line still win, --model and --data too).
+SMOKE = dict(model="tiny", data="smoke", out="out/smoke", branch=2, depth=2, segment_tokens=8, steps=4, prompts_per_step=4,
              sample_batch_size=2, micro_batch_size=4, lr=3e-3, eval_every=2, eval_size=12, eval_batch_size=6,
-             save_every=2, show_tree_every=2, device="cpu")
+             save_every=2, show_tree_every=2, width=4, device="cpu")
 
 SYSTEM_PROMPT = ("Solve the math problem step by step. "
                  "Give the final answer as a number in \\boxed{}, for example \\boxed{42}.")
@@ -89,42 +108,112 @@ SMOKE_PROBLEMS = [
 
 
 def load_problems(cfg: Config, split: str) -> list[dict]:
-    """GSM8K `main` questions and answers ({"question", "answer"}); the smoke set offline."""
-    if cfg.smoke:
+    """GSM8K-format problems ({"question", "answer" ending in "#### <number>"}) of `split`
+    ("train" or "test"): the built-in smoke set, local JSON Lines files, or a hub dataset."""
+    if cfg.data == "smoke":
         return SMOKE_PROBLEMS
     import datasets
+    files = local_data_files(cfg.data)
+    if files:
+        if not any(line.strip() for line in open(files[split])):  # datasets would call it "no data" obscurely
+            return check_problems([], str(files[split]))
+        try:  # datasets' json builder: one JSON object per line
+            problems = list(datasets.load_dataset("json", data_files={split: str(files[split])}, split=split))
+        except Exception as error:  # a malformed line raises deep inside datasets: name the file
+            raise SystemExit(f"could not read {files[split]}: {error}")
+        return check_problems(problems, str(files[split]))
     try:
-        return list(datasets.load_dataset("openai/gsm8k", "main", split=split))
+        problems = list(datasets.load_dataset(cfg.data, "main", split=split))
     except Exception as error:  # the hub raises many types: connection, missing file, auth
-        raise SystemExit(f"could not load the GSM8K dataset ({type(error).__name__}: {error}).\n"
+        raise SystemExit(f"could not load the dataset {cfg.data!r} ({type(error).__name__}: {error}).\n"
                          "It downloads from the Hugging Face hub: check the network, or set HF_HUB_OFFLINE=1 "
-                         "with a cached copy. --smoke runs offline.")
+                         "with a cached copy, or pass --data with a local folder. --smoke runs offline.")
+    return check_problems(problems, f"{cfg.data} ({split})")
 
 
-def load_model_and_tokenizer(cfg: Config, path: str | None = None):
+def local_data_files(data: str) -> dict[str, Path] | None:
+    """{"train": path, "test": path} for a local folder or a "TRAIN.jsonl,TEST.jsonl" pair; None for
+    a hub dataset name."""
+    if "," in data:
+        train, test = data.split(",", 1)
+        return {"train": Path(train), "test": Path(test)}
+    if Path(data).is_dir():
+        return {"train": Path(data) / "train.jsonl", "test": Path(data) / "test.jsonl"}
+    return None
+
+
+def check_problems(problems: list[dict], source: str) -> list[dict]:
+    """Refuse data the reward cannot score, naming the file and line, before any training."""
+    if not problems:
+        raise SystemExit(f"{source}: no problems in this split")
+    for number, problem in enumerate(problems, start=1):
+        where = f"{source}: {record_place(source, number)}"
+        for key in ("question", "answer"):
+            if not isinstance(problem.get(key), str) or not problem[key].strip():
+                raise SystemExit(f"{where}: the record has no {key!r} text (GSM8K format: "
+                                 '{"question": "...", "answer": "... #### 42"})')
+        if "####" not in problem["answer"] or reference_answer(problem["answer"]) is None:
+            raise SystemExit(f"{where}: the answer has no final '#### <number>', so no reward can be computed")
+    return problems
+
+
+def record_place(source: str, number: int) -> str:
+    """"line K" of the file that holds its `number`-th record (blank lines hold none), or
+    "record K" for a hub dataset."""
+    if not Path(source).is_file():
+        return f"record {number}"
+    with open(source) as file:
+        nonblank = (line_number for line_number, line in enumerate(file, start=1) if line.strip())
+        return f"line {next(line for count, line in enumerate(nonblank, start=1) if count == number)}"
+
+
+def load_model_and_tokenizer(cfg: Config, checkpoint: str | None = None):
     """The policy in fp32 (AdamW at lr 1e-6 needs fp32 weights: bf16 would round most updates
-    away); compute runs in bf16 under autocast on CUDA. `path`: a checkpoint to load instead."""
+    away); compute runs in bf16 under autocast on CUDA. `checkpoint`: a saved run to load instead.
+    With --lora-rank the model comes back wrapped in LoRA adapters, the only trainable weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tiny import byte_tokenizer, tiny_model
-    if cfg.smoke:
-        tokenizer = byte_tokenizer()
-    else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        except OSError as error:
-            raise SystemExit(f"could not load the tokenizer of {cfg.model!r}: {error}\n"
-                             "Check the name and the network, or pass --model with a local folder.")
-    if cfg.smoke and path is None:
+    tokenizer = byte_tokenizer() if cfg.model == "tiny" else hub_load(AutoTokenizer, cfg.model, "the tokenizer of")
+    if cfg.model == "tiny" and not (checkpoint and not cfg.lora_rank):
         model = tiny_model(len(tokenizer), init_std=0.02, seed=cfg.seed)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path or cfg.model, dtype=torch.float32)
-        except OSError as error:
-            raise SystemExit(f"could not load the model {path or cfg.model!r}: {error}\n"
-                             "Check the name and the network, or pass --model with a local folder.")
+    else:  # a LoRA checkpoint holds only the adapters: the base weights come from --model
+        weights = checkpoint if checkpoint and not cfg.lora_rank else cfg.model
+        model = hub_load(AutoModelForCausalLM, weights, "the model", dtype=torch.float32)
     if cfg.gradient_checkpointing:  # renamed in transformers 5.x; the old name warns there
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if cfg.lora_rank:
+        model = add_lora(model, cfg, checkpoint)
     return model, tokenizer
+
+
+def hub_load(auto_class, name: str, what: str, **kwargs):
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except OSError as error:
+        raise SystemExit(f"could not load {what} {name!r}: {error}\n"
+                         "Check the name and the network, or pass --model with a local folder.")
+
+
+def add_lora(model, cfg: Config, checkpoint: str | None):
+    """Wrap `model` in LoRA adapters of rank --lora-rank on every linear layer but the output head
+    (new ones, or those saved in `checkpoint`); only the adapters train."""
+    import peft
+    if cfg.gradient_checkpointing:  # frozen embeddings: the checkpointed blocks need an input with grad
+        model.enable_input_require_grads()
+    if checkpoint:
+        return peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+    config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def adapters_off(peft_model):
+    """The KL reference of a LoRA run: the same model called with its adapters disabled, which is
+    the starting model, without a second copy in memory. `backward_loss` only calls it."""
+    def forward(*args, **kwargs):
+        with peft_model.disable_adapter():
+            return peft_model(*args, **kwargs)
+    return forward
 
 
 def chat_prompt(tokenizer, question: str) -> str:
@@ -156,31 +245,48 @@ def sample_and_score(model, tokenizer, problems: list[dict], cfg: Config, device
     roots = []
     for start in tqdm(range(0, len(prompts), cfg.sample_batch_size), desc="sampling", leave=False):
         with autocast(device):
-            roots += sample_trees(model, tokenizer, prompts[start:start + cfg.sample_batch_size],
-                                  branch=cfg.branch, depth=cfg.depth, segment_tokens=cfg.segment_tokens,
-                                  temperature=cfg.temperature)
+            roots += sample(model, tokenizer, prompts[start:start + cfg.sample_batch_size], cfg)
     for root, problem in zip(roots, problems):
         for leaf in leaves(root):
             text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
             leaf.reward = gsm8k_reward(text, problem["answer"], strict=cfg.strict_reward)
-        assign_advantages(root, norm=cfg.norm, tau=cfg.tau)
+    if cfg.method == "treepo":
+        treepo.assign_treepo_advantages(roots)  # per leaf, whitened over the whole batch
+    else:
+        for root in roots:
+            assign_advantages(root, norm=cfg.norm, tau=cfg.tau)
     return roots
 
 
-def tree_metrics(roots) -> dict:
+def sample(model, tokenizer, prompts: list[str], cfg: Config):
+    """The three methods differ here (what they sample) and in the advantage; the rest is shared."""
+    if cfg.method == "treepo":
+        return treepo.sample_budgeted_trees(model, tokenizer, prompts, width=cfg.width, divergence=cfg.divergence,
+                                            segment_tokens=cfg.segment_tokens, max_depth=cfg.depth,
+                                            temperature=cfg.temperature)
+    if cfg.method == "grpo":  # GRPO is a one-level tree: G answers with the tree's whole response budget
+        return sample_trees(model, tokenizer, prompts, branch=cfg.width, depth=1,
+                            segment_tokens=cfg.depth * cfg.segment_tokens, temperature=cfg.temperature)
+    return sample_trees(model, tokenizer, prompts, branch=cfg.branch, depth=cfg.depth,
+                        segment_tokens=cfg.segment_tokens, temperature=cfg.temperature)
+
+
+def tree_metrics(roots, method: str) -> dict:
     """What the sampled trees look like: rewards, sizes, and the failure-mode figures."""
     all_leaves = [leaf for root in roots for leaf in leaves(root)]
     groups = [parent.children for root in roots for parent in nodes(root) if parent.children]
-    return {
+    metrics = {
         "reward": sum(leaf.reward for leaf in all_leaves) / len(all_leaves),
         "solve_rate": sum(any(leaf.reward > 0 for leaf in leaves(root)) for root in roots) / len(roots),
         "leaves": len(all_leaves),
         "segments": sum(len(nodes(root)) - 1 for root in roots),
         "tokens_generated": sum(len(node.tokens) for root in roots for node in nodes(root)[1:]),
         "response_tokens": sum(len(response_tokens(leaf)) for leaf in all_leaves) / len(all_leaves),
-        "truncated": sum(not leaf.finished for leaf in all_leaves) / len(all_leaves),  # no EOS by depth*L
-        "pruned_groups": sum(group[0].advantage is None for group in groups) / len(groups),
+        "truncated": sum(not leaf.finished for leaf in all_leaves) / len(all_leaves),  # no EOS by the last level
     }
+    if method != "treepo":  # TreePO credits leaves, not sibling groups: it prunes none
+        metrics["pruned_groups"] = sum(group[0].advantage is None for group in groups) / len(groups)
+    return metrics
 
 
 def train_step(model, ref_model, tokenizer, optimizer, problems, cfg: Config, device: str) -> dict:
@@ -191,15 +297,17 @@ def train_step(model, ref_model, tokenizer, optimizer, problems, cfg: Config, de
 
     start = time.perf_counter()
     model.train()  # sample_trees switched to eval mode for sampling and back
+    trained = treepo.path_trees(roots) if cfg.method == "treepo" else roots  # TreePO: one row per leaf path
     with autocast(device):
-        loss, stats = backward_loss(model, roots, ref_model=ref_model, kl_coef=cfg.kl_coef, clip_eps=cfg.clip_eps,
+        loss, stats = backward_loss(model, trained, ref_model=ref_model, kl_coef=cfg.kl_coef, clip_eps=cfg.clip_eps,
                                     temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
     if stats["tokens"]:  # every group pruned: no signal, and AdamW's weight decay alone should not step
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds["loss_and_update_s"] = time.perf_counter() - start
-    return {**tree_metrics(roots), "loss": loss, **stats, "grad_norm": grad_norm, **seconds}, roots
+    return {**tree_metrics(roots, cfg.method), "loss": loss, **stats, "grad_norm": grad_norm, **seconds}, roots
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,18 +336,19 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str) -
 
 
 def save_checkpoint(model, tokenizer, optimizer, step: int, cfg: Config):
+    """<out>/checkpoint: the weights (the adapters only, with --lora-rank), the tokenizer, the
+    optimizer and RNG state, and trainer_state.json, which says how far the run got."""
     folder = Path(cfg.out) / "checkpoint"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "config": dataclasses.asdict(cfg)}, folder / "trainer_state.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, folder / "trainer_state.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}))
 
 
-def load_checkpoint_state(cfg: Config) -> dict:
-    path = Path(cfg.out) / "checkpoint" / "trainer_state.pt"
-    if not path.exists():
-        raise SystemExit(f"--resume: no checkpoint at {path.parent}; run without --resume first")
-    return torch.load(path, weights_only=False)
+def checkpoint_step(out: str) -> int | None:
+    """The step <out>/checkpoint was saved at, or None when there is none."""
+    path = Path(out) / "checkpoint" / "trainer_state.json"
+    return json.loads(path.read_text())["step"] if path.exists() else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,54 +402,75 @@ def train(cfg: Config):
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    state = load_checkpoint_state(cfg) if cfg.resume else None
-    model, tokenizer = load_model_and_tokenizer(cfg, path=str(out / "checkpoint") if state else None)
-    model.to(device)
-    # The KL anchor is the *starting* model, also after a resume.
-    ref_model = load_model_and_tokenizer(cfg)[0].to(device).eval().requires_grad_(False) if cfg.kl_coef else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    first_step = 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        first_step = state["step"]
-
-    train_problems = load_problems(cfg, "train")
+    if cfg.overwrite:
+        for name in ("metrics.jsonl", "checkpoint", "trees", "curves.png"):
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    train_problems = load_problems(cfg, "train")  # data first: a bad file fails before the model loads
     random.Random(cfg.seed).shuffle(train_problems)  # one fixed order, so a resume sees the next prompts
     eval_problems = load_problems(cfg, "test")[:cfg.eval_size]
 
-    metrics_file = open(out / "metrics.jsonl", "a")
+    first_step = checkpoint_step(cfg.out) if cfg.resume else 0
+    model, tokenizer = load_model_and_tokenizer(cfg, checkpoint=str(out / "checkpoint") if first_step else None)
+    model.to(device)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ref_model = reference_model(cfg, model, device)
+    if first_step:  # after every model is built: building the tiny model reseeds torch
+        state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
 
-    def log(record):
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()  # a crash or Ctrl-C keeps every finished step
-    if first_step == 0:
-        log({"step": 0, **evaluate(model, tokenizer, eval_problems, cfg, device)})
+    with open(out / "metrics.jsonl", "a") as metrics_file:
+        def log(record):
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()  # a crash or Ctrl-C keeps every finished step
+        if first_step == 0:
+            log({"step": 0, **evaluate(model, tokenizer, eval_problems, cfg, device)})
+        record = None
+        bar = tqdm(range(first_step, cfg.steps), desc="training", initial=first_step, total=cfg.steps)
+        for step in bar:
+            begin = step * cfg.prompts_per_step
+            problems = [train_problems[(begin + i) % len(train_problems)] for i in range(cfg.prompts_per_step)]
+            record = {"step": step + 1, **run_step(model, ref_model, tokenizer, optimizer, problems, step + 1, cfg,
+                                                   device, eval_problems)}
+            log(record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kept=record["kept_nodes"],
+                            **({"eval": f"{record['eval_lenient']:.3f}"} if "eval_lenient" in record else {}))
+    return record
 
-    bar = tqdm(range(first_step, cfg.steps), desc="training", initial=first_step, total=cfg.steps)
-    for step in bar:
-        begin = step * cfg.prompts_per_step
-        problems = [train_problems[(begin + i) % len(train_problems)] for i in range(cfg.prompts_per_step)]
-        metrics, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)
-        record = {"step": step + 1, **metrics}
-        if cfg.show_tree_every and (step + 1) % cfg.show_tree_every == 0:
-            show_tree(roots[0], tokenizer, step + 1, cfg)
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps:
-            start = time.perf_counter()
-            record |= evaluate(model, tokenizer, eval_problems, cfg, device)
-            record["eval_s"] = time.perf_counter() - start
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            save_checkpoint(model, tokenizer, optimizer, step + 1, cfg)
-        log(record)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kept=record["kept_nodes"],
-                        **({"eval": f"{record['eval_lenient']:.3f}"} if "eval_lenient" in record else {}))
-    metrics_file.close()
-    return record if cfg.steps > first_step else None
+
+def reference_model(cfg: Config, model, device: str):
+    """The frozen starting model for the KL term: none without KL; with LoRA the policy itself with
+    its adapters off; else a second copy, loaded from --model (the start, also after a resume)."""
+    if not cfg.kl_coef:
+        return None
+    if cfg.lora_rank:
+        return adapters_off(model)
+    plain = dataclasses.replace(cfg, gradient_checkpointing=False)
+    return load_model_and_tokenizer(plain)[0].to(device).eval().requires_grad_(False)
+
+
+def run_step(model, ref_model, tokenizer, optimizer, problems, step: int, cfg: Config, device: str, eval_problems):
+    """One training step, then whatever is due at this step: a tree shown, an evaluation, a checkpoint."""
+    metrics, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)
+    if cfg.show_tree_every and step % cfg.show_tree_every == 0:
+        show_tree(roots[0], tokenizer, step, cfg)
+    if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        start = time.perf_counter()
+        metrics |= evaluate(model, tokenizer, eval_problems, cfg, device)
+        metrics["eval_s"] = time.perf_counter() - start
+    if step % cfg.save_every == 0 or step == cfg.steps:
+        save_checkpoint(model, tokenizer, optimizer, step, cfg)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: every flag checked before anything is loaded
 
 
 def parse_args(argv=None) -> tuple[Config, list[str] | None]:
-    """The Config from the command line, and the folders of --plot (None when not plotting)."""
+    """The Config from the command line, and the folders of --plot (None when not plotting).
+    A bad flag exits here, with argparse's one-line message, before any model or data is loaded."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plot", nargs="+", metavar="OUT_DIR",
                         help="plot the curves of these runs' metrics.jsonl into <first>/curves.png, and exit")
@@ -357,7 +487,56 @@ def parse_args(argv=None) -> tuple[Config, list[str] | None]:
         parser.set_defaults(**SMOKE)
         args = parser.parse_args(argv)
     plot_dirs = vars(args).pop("plot")
-    return Config(**vars(args)), plot_dirs
+    cfg = Config(**vars(args))
+    problem = plot_problem(plot_dirs) if plot_dirs else config_problem(cfg)
+    if problem:
+        parser.error(problem)  # prints usage and "error: <problem>", exits with status 2
+    return cfg, plot_dirs
+
+
+AT_LEAST_ONE = ("branch", "depth", "segment_tokens", "width", "divergence", "prompts_per_step", "sample_batch_size",
+                "micro_batch_size", "eval_size", "eval_batch_size", "save_every")
+AT_LEAST_ZERO = ("steps", "eval_every", "show_tree_every", "lora_rank", "kl_coef", "tau", "weight_decay")
+ABOVE_ZERO = ("temperature", "lr", "clip_eps", "grad_clip")
+
+
+def config_problem(cfg: Config) -> str | None:
+    """What is wrong with `cfg`, in one line, or None. Cheap checks only: nothing is loaded."""
+    for names, test, wanted in ((AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (AT_LEAST_ZERO, lambda v: v >= 0, ">= 0"),
+                                (ABOVE_ZERO, lambda v: v > 0, "> 0")):
+        for name in names:
+            value = getattr(cfg, name)
+            if not (math.isfinite(value) and test(value)):
+                return f"--{name.replace('_', '-')} must be {wanted}, got {value}"
+    if cfg.lora_rank and importlib.util.find_spec("peft") is None:
+        return "--lora-rank needs peft, an optional dependency: pip install peft"
+    for split, path in (local_data_files(cfg.data) or {}).items():
+        if not path.is_file():
+            return f"--data {cfg.data}: no {split} file at {path} (GSM8K-format JSON Lines expected)"
+    return out_problem(cfg)
+
+
+def out_problem(cfg: Config) -> str | None:
+    """--out must be writable, and must not hold another run unless --resume or --overwrite says what to do."""
+    out, step = Path(cfg.out), checkpoint_step(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        return "--resume and --overwrite contradict each other: choose one"
+    if cfg.resume and step is None:
+        return f"--resume: no checkpoint in {out / 'checkpoint'}; run without --resume first"
+    if cfg.resume and step >= cfg.steps:
+        return f"--resume: the run in {out} already reached step {step} of --steps {cfg.steps}; raise --steps to go on"
+    if not cfg.resume and not cfg.overwrite and (out / "metrics.jsonl").exists():
+        return (f"--out {out} already holds a run (metrics.jsonl): pass --resume to continue it, "
+                "--overwrite to start over, or another --out")
+    existing = next(folder for folder in [out, *out.absolute().parents] if folder.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        return f"--out {out}: cannot create a folder there ({existing} is not a writable folder)"
+    return None
+
+
+def plot_problem(plot_dirs: list[str]) -> str | None:
+    missing = [folder for folder in plot_dirs if not (Path(folder) / "metrics.jsonl").is_file()]
+    return f"--plot: no metrics.jsonl in {', '.join(missing)}" if missing else None
 
 
 def main(argv=None):
@@ -370,7 +549,7 @@ def main(argv=None):
     except torch.cuda.OutOfMemoryError:
         raise SystemExit("out of GPU memory. Lower --sample-batch-size (sampling), --micro-batch-size (loss) or "
                          "--eval-batch-size; shrink the tree (--branch, --depth, --segment-tokens); add "
-                         "--gradient-checkpointing; or --kl-coef 0 to drop the reference model's copy.")
+                         "--gradient-checkpointing or --lora-rank 16; or --kl-coef 0 to drop the reference model.")
 
 
 if __name__ == "__main__":

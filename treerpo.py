@@ -135,7 +135,7 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
         distribution sampled from when top_p = 1. `backward_loss` uses the same definition.
     Sampling runs under no_grad in eval mode; the model's train/eval mode is restored afterwards.
     """
-    _check_sampling_args(prompts, branch, depth, segment_tokens, temperature, top_p)
+    _check_sampling_args(prompts, temperature, top_p, do_sample, branch=branch, depth=depth, segment_tokens=segment_tokens)
     pad_id, eos_ids = _special_ids(model, tokenizer)
     prompt_ids = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
     _check_lengths(model, prompt_ids, depth * segment_tokens)
@@ -257,18 +257,22 @@ def add_children(parents, new_tokens, logprobs, eos_ids, segment_tokens) -> list
     return children
 
 
-def _check_sampling_args(prompts, branch, depth, segment_tokens, temperature, top_p):
+def _check_sampling_args(prompts, temperature, top_p, do_sample, **counts):
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
     if not prompts:
         raise ValueError("prompts is empty: pass at least one prompt")
-    for name, number in (("branch", branch), ("depth", depth), ("segment_tokens", segment_tokens)):
-        if not isinstance(number, int) or number < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {number!r}")
-    if not temperature > 0:
+    for name, number in counts.items():
+        _check_count(name, number)
+    if do_sample and not temperature > 0:  # greedy decoding reads neither temperature nor top_p
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if not 0 < top_p <= 1:
+    if do_sample and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _check_count(name, number):
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:  # True is an int in Python
+        raise ValueError(f"{name} must be an integer >= 1, got {number!r}")
 
 
 def _special_ids(model, tokenizer) -> tuple[int, set[int]]:
@@ -386,9 +390,8 @@ def group_advantages(values: list[float], norm: str = "std", eps: float = 1e-6) 
 def mean_and_std(values: list[float]) -> tuple[float, float]:
     """Mean and standard deviation with Bessel's correction (as torch.std); std 0 for one value."""
     mean = sum(values) / len(values)
-    if len(values) == 1:
-        return mean, 0.0
-    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / (len(values) - 1))
+    variance = sum((value - mean) ** 2 for value in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(variance)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,8 +517,7 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
     with a tree attention mask, one tree a forward; every token is forwarded once. Needs the
     model's attention to take a custom 4D mask: attn_implementation "sdpa" or "eager".
     """
-    if kl_coef and ref_model is None:
-        raise ValueError("kl_coef > 0 needs ref_model, the frozen starting model")
+    _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size)
     if packed:
         _check_packable(model)
         rows, micro_batch_size = [row for root in trees if (row := tree_packed_row(root))], 1
@@ -577,6 +579,19 @@ def _mask_4d(sees, model):
     if model.config._attn_implementation == "sdpa":
         return sees[None, None]
     return torch.zeros(sees.shape).masked_fill(~sees, torch.finfo(torch.float32).min)[None, None]
+
+
+def _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size):
+    if not isinstance(trees, (list, tuple)) or not all(isinstance(root, TreeNode) for root in trees):
+        raise ValueError(f"trees must be a list of TreeNode roots, got {type(trees).__name__}")
+    unscored = [i for i, root in enumerate(trees) if root.value is None]
+    if unscored:  # else its loss would be 0 with 0 tokens, indistinguishable from "everything pruned"
+        raise ValueError(f"tree {unscored[0]} has no values or advantages: call assign_advantages(root) first")
+    if kl_coef and ref_model is None:
+        raise ValueError("kl_coef > 0 needs ref_model, the frozen starting model")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (the one sampled with), got {temperature!r}")
+    _check_count("micro_batch_size", micro_batch_size)
 
 
 def _check_packable(model):
