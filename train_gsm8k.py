@@ -440,9 +440,9 @@ def train(cfg: Config):
 
 
 def reference_model(cfg: Config, model, device: str):
-    """The frozen starting model for the KL term: none without KL; with LoRA the policy itself with
-    its adapters off; else a second copy, loaded from --model (the start, also after a resume)."""
-    if not cfg.kl_coef:
+    """The frozen starting model for the KL term: none without KL (or without steps); with LoRA the
+    policy itself with its adapters off; else a second copy, from --model (the start, also after a resume)."""
+    if not cfg.kl_coef or not cfg.steps:
         return None
     if cfg.lora_rank:
         return adapters_off(model)

