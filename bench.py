@@ -10,6 +10,7 @@ Ideal (a)/(c) from token counts: sum_d N^d L / (N^D D L).
     python bench.py                 # CPU: tiny and Qwen-size (151,936) vocabularies, N=2 and N=4, D=3
     python bench.py --quick         # seconds; CI runs it
     python bench.py --device cuda --model qwen2.5-0.5b   # GPU: Qwen2.5-0.5B's config, random weights
+    python bench.py --model out/smollm2 --prompts 4      # a real model folder (tiny.py --export-smollm2)
 
 The last line printed is one JSON object with every figure.
 """
@@ -24,6 +25,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tiny import byte_tokenizer, tiny_model
+from treepo import sample_budgeted_trees
 from treerpo import (TreeNode, add_children, assign_advantages, backward_loss, leaves, nodes, pad_rows,
                      response_tokens, sample_trees)
 
@@ -35,9 +37,14 @@ QWEN_VOCAB = 151_936
 
 
 def make_model(name: str, vocab_size: int, device: str):
-    """'tiny': hidden 64, 2 layers. 'qwen2.5-0.5b': Qwen2.5-0.5B's config (494M), random weights."""
+    """'tiny': hidden 64, 2 layers. 'qwen2.5-0.5b': Qwen2.5-0.5B's config (494M), random weights.
+    Anything else: a local model folder (e.g. `python tiny.py --export-smollm2 out/smollm2`)."""
     if name == "tiny":
         return tiny_model(vocab_size, init_std=0.02).to(device)
+    if name != "qwen2.5-0.5b":
+        from transformers import AutoModelForCausalLM
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                          rope_theta=1_000_000.0, tie_word_embeddings=True)
@@ -82,6 +89,14 @@ def sample_flat(model, tokenizer, prompts, *, samples, max_new_tokens):
                          **generation_kwargs(tokenizer, max_new_tokens))
     new_tokens = out[:, input_ids.shape[1]:]
     return int((new_tokens != tokenizer.pad_token_id).sum())  # tokens generated (pads after EOS excluded)
+
+
+def chat(tokenizer, question):
+    """The question in the tokenizer's chat template, when it has one."""
+    if not tokenizer.chat_template:
+        return question
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def treerpo_root(tokenizer, prompt):
@@ -206,22 +221,62 @@ def bench_case(model, tokenizer, device, *, prompts, branch, depth, segment_toke
             "ideal_tree_over_flat": levels / (branch ** depth * depth)}
 
 
+def bench_methods(model, tokenizer, device, *, prompts, branch, depth, segment_tokens, repeats):
+    """GRPO, TreeRPO and TreePO sampling at the same leaf budget W = branch**depth per prompt:
+    GRPO W answers of depth * segment_tokens tokens; TreeRPO the full tree; TreePO W leaves with
+    divergence = branch. Tokens, leaves and seconds per prompt."""
+    width = branch ** depth
+    samplers = {
+        "grpo": lambda: sample_trees(model, tokenizer, prompts, branch=width, depth=1,
+                                     segment_tokens=depth * segment_tokens),
+        "treerpo": lambda: sample_trees(model, tokenizer, prompts, branch=branch, depth=depth,
+                                        segment_tokens=segment_tokens),
+        "treepo": lambda: sample_budgeted_trees(model, tokenizer, prompts, width=width, divergence=branch,
+                                                segment_tokens=segment_tokens, max_depth=depth),
+    }
+    figures = {"branch": branch, "depth": depth, "segment_tokens": segment_tokens, "prompts": len(prompts)}
+    for name, sample in samplers.items():
+        timing, roots = measure(sample, model, device, repeats)
+        figures[name] = {**timing, "seconds_per_prompt": timing["seconds"] / len(prompts),
+                         "tokens_per_prompt": tree_tokens(roots) / len(prompts),
+                         "leaves_per_prompt": sum(len(leaves(root)) for root in roots) / len(prompts)}
+    return figures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small trees and one repeat: seconds")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="tiny", choices=["tiny", "qwen2.5-0.5b"])
+    parser.add_argument("--model", default="tiny", help="tiny, qwen2.5-0.5b (its config, random weights), or a "
+                                                         "local model folder with its tokenizer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--segment-tokens", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=2, help="prompts per batch (at most 4)")
+    parser.add_argument("--methods", action="store_true",
+                        help="instead: GRPO, TreeRPO and TreePO sampling at the same leaf budget (N=2, D=3)")
     args = parser.parse_args()
 
-    tokenizer = byte_tokenizer()
-    vocabularies = [len(tokenizer), QWEN_VOCAB] if args.model == "tiny" else [QWEN_VOCAB]
+    if args.model in ("tiny", "qwen2.5-0.5b"):
+        tokenizer = byte_tokenizer()
+        vocabularies = [len(tokenizer), QWEN_VOCAB] if args.model == "tiny" else [QWEN_VOCAB]
+    else:  # a real model: its own tokenizer and vocabulary
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        vocabularies = [len(tokenizer)]
     shapes = [(2, 2)] if args.quick else [(2, 3), (4, 3)]
     segment_tokens = 4 if args.quick else args.segment_tokens
     repeats = 1 if args.quick else args.repeats
     prompts = PROMPTS[:2] if args.quick else PROMPTS[:args.prompts]
+    if args.methods:
+        prompts = [chat(tokenizer, prompt) for prompt in prompts]
+        model = make_model(args.model, vocabularies[0], args.device)
+        figures = bench_methods(model, tokenizer, args.device, prompts=prompts, branch=2, depth=3,
+                                segment_tokens=segment_tokens, repeats=repeats)
+        for name in ("grpo", "treerpo", "treepo"):
+            print(f"{name:8} {figures[name]['tokens_per_prompt']:7.1f} tokens, {figures[name]['leaves_per_prompt']:4.1f} "
+                  f"leaves, {figures[name]['seconds_per_prompt']:.2f} s a prompt", flush=True)
+        print(json.dumps({"model": args.model, "torch": torch.__version__, "methods": figures}))
+        return
     results = []
     for vocab_size in vocabularies:
         model = make_model(args.model, vocab_size, args.device)

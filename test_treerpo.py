@@ -800,6 +800,16 @@ def test_smoke_honours_model_and_data(tmp_path):
     assert failed.returncode != 0 and "could not load the tokenizer of" in failed.stderr  # --model is used
 
 
+def test_ci_installs_the_readmes_cpu_route():
+    here = Path(__file__).parent
+    readme = (here / "README.md").read_text()
+    cpu_route = readme.split("## Install")[1].split("```bash\n")[1].split("```")[0].strip().splitlines()
+    ci = (here / ".ci" / "run").read_text()
+    assert cpu_route[0].startswith("pip install torch==") and "--index-url" in cpu_route[0]
+    for line in cpu_route:
+        assert line.replace("pip install", "pip install -q") in ci
+
+
 def test_plot_renders_curves_of_two_runs(tmp_path):
     import json
     import train_gsm8k

@@ -189,7 +189,7 @@ def load_model_and_tokenizer(cfg: Config, checkpoint: str | None = None):
 def hub_load(auto_class, name: str, what: str, **kwargs):
     try:
         return auto_class.from_pretrained(name, **kwargs)
-    except OSError as error:
+    except (OSError, ValueError) as error:  # ValueError: a name that is neither a folder nor a hub id (4.57)
         raise SystemExit(f"could not load {what} {name!r}: {error}\n"
                          "Check the name and the network, or pass --model with a local folder.")
 

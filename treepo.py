@@ -165,9 +165,9 @@ def mark_stop(node: BudgetedNode, *, max_depth, eos_ids, repeat, tokenizer) -> b
 
 
 def fallback_starts(roots, width: int, max_depth: int) -> list[BudgetedNode]:
-    """For each tree whose paths have all stopped with budget left: a node to re-branch from, the
-    end of a random segment boundary of a random finished path (the root if no path has one),
-    with a new child marked `fallback`. Empty when no tree needs one."""
+    """For each tree with fewer than `width` leaves (called when all its paths have stopped): where
+    to re-branch, a random segment boundary of a random finished path that leaves room below
+    max_depth, or the root if none does. Empty when no tree has budget left."""
     starts = []
     for root in roots:
         if len(leaves(root)) >= width:
