@@ -737,7 +737,7 @@ def refused(argv, capsys, monkeypatch) -> str:
 ])
 def test_bad_flags_are_refused_before_anything_loads(tmp_path, capsys, monkeypatch, flags, message):
     line = refused(["--smoke", "--out", str(tmp_path / "run"), *flags], capsys, monkeypatch)
-    assert line.endswith("error: " + message) or message in line
+    assert "error: " in line and message in line
 
 
 def test_unwritable_out_and_plot_without_metrics_are_refused(tmp_path, capsys, monkeypatch):

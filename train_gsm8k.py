@@ -115,7 +115,7 @@ def load_problems(cfg: Config, split: str) -> list[dict]:
     import datasets
     files = local_data_files(cfg.data)
     if files:
-        if not any(line.strip() for line in open(files[split])):  # datasets would call it "no data" obscurely
+        if not files[split].read_text().strip():  # datasets would call it "no data", obscurely
             return check_problems([], str(files[split]))
         try:  # datasets' json builder: one JSON object per line
             problems = list(datasets.load_dataset("json", data_files={split: str(files[split])}, split=split))
@@ -174,11 +174,13 @@ def load_model_and_tokenizer(cfg: Config, checkpoint: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tiny import byte_tokenizer, tiny_model
     tokenizer = byte_tokenizer() if cfg.model == "tiny" else hub_load(AutoTokenizer, cfg.model, "the tokenizer of")
-    if cfg.model == "tiny" and not (checkpoint and not cfg.lora_rank):
+    full_checkpoint = checkpoint if not cfg.lora_rank else None  # a LoRA checkpoint holds only the adapters
+    if full_checkpoint:
+        model = hub_load(AutoModelForCausalLM, full_checkpoint, "the model", dtype=torch.float32)
+    elif cfg.model == "tiny":
         model = tiny_model(len(tokenizer), init_std=0.02, seed=cfg.seed)
-    else:  # a LoRA checkpoint holds only the adapters: the base weights come from --model
-        weights = checkpoint if checkpoint and not cfg.lora_rank else cfg.model
-        model = hub_load(AutoModelForCausalLM, weights, "the model", dtype=torch.float32)
+    else:
+        model = hub_load(AutoModelForCausalLM, cfg.model, "the model", dtype=torch.float32)
     if cfg.gradient_checkpointing:  # renamed in transformers 5.x; the old name warns there
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     if cfg.lora_rank:
