@@ -25,7 +25,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from tiny import byte_tokenizer, tiny_model
-from treepo import sample_budgeted_trees
+from treepo import root_of, sample_budgeted_trees
 from treerpo import (TreeNode, add_children, assign_advantages, backward_loss, leaves, nodes, pad_rows,
                      response_tokens, sample_trees)
 
@@ -101,12 +101,6 @@ def chat(tokenizer, question):
 
 def treerpo_root(tokenizer, prompt):
     return TreeNode(tokens=tokenizer(prompt, add_special_tokens=False).input_ids)
-
-
-def root_of(node):
-    while node.parent is not None:
-        node = node.parent
-    return node
 
 
 # ----------------------------------------------------------------------------------------------

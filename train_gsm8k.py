@@ -406,7 +406,10 @@ def train(cfg: Config):
     out.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:
         for name in ("metrics.jsonl", "checkpoint", "trees", "curves.png"):
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
     train_problems = load_problems(cfg, "train")  # data first: a bad file fails before the model loads
     random.Random(cfg.seed).shuffle(train_problems)  # one fixed order, so a resume sees the next prompts
     eval_problems = load_problems(cfg, "test")[:cfg.eval_size]
