@@ -272,6 +272,25 @@ def test_readme_example_trains(capsys, monkeypatch, tmp_path):
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
 
 
+def test_readme_learning_commands_are_the_recipe(tmp_path, monkeypatch):
+    """The commands of README "Does it learn?", run through bash with `python` caught: each is a
+    valid command line of the CPU recipe (the brief prompt, --data easy), one per method."""
+    import subprocess
+    import train_gsm8k
+    section = Path(__file__).with_name("README.md").read_text().split("## Does it learn?")[1]
+    commands = section.split("```bash\n")[1].split("```")[0]
+    catch = 'python() { if [ "$1" = train_gsm8k.py ]; then shift; printf "%s\\0" "$@"; echo; fi; }\n'
+    printed = subprocess.run(["bash", "-c", catch + commands], capture_output=True, text=True, check=True).stdout
+    monkeypatch.chdir(tmp_path)  # the runs' --out folders do not exist here
+    runs = [line.split("\0")[:-1] for line in printed.splitlines() if not line.startswith("--plot")]
+    training = [train_gsm8k.parse_args(argv)[0] for argv in runs]
+    assert {(cfg.method, cfg.width if cfg.method != "treerpo" else cfg.branch) for cfg in training} == {
+        ("treerpo", 2), ("grpo", 8), ("grpo", 4), ("treepo", 8)}
+    for cfg in training:
+        assert (cfg.data, cfg.system_prompt, cfg.device) == ("easy", train_gsm8k.BRIEF_SYSTEM_PROMPT, "cpu")
+        assert (cfg.depth, cfg.segment_tokens, cfg.lr, cfg.steps) == (3, 16, 1e-5, 20)
+
+
 def test_format_tree_on_a_hand_built_tree(tokenizer):
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     root = TreeNode(tokens=encode("Q: what is 2+3?\nA:"))
@@ -780,6 +799,55 @@ def test_bad_data_files_are_named_with_their_line(tmp_path, capsys):
     assert test == [good]
 
 
+def solve_easy(question: str) -> int:
+    """The answer of an easy problem read off its words, independently of how they were generated."""
+    import re
+    numbers = [int(n) for n in re.findall(r"\d+", question)]
+    if "gives" in question:
+        return numbers[0] - numbers[1]
+    if "Each pack has" in question:
+        return numbers[0] * numbers[1]
+    return sum(numbers)  # gets N more (and M more)
+
+
+def test_easy_problems_are_seeded_disjoint_and_right():
+    import train_gsm8k
+    train, test = train_gsm8k.easy_problems("train"), train_gsm8k.easy_problems("test")
+    assert (len(train), len(test)) == (2000, 200)
+    assert train == train_gsm8k.easy_problems("train") and test == train_gsm8k.easy_problems("test")  # seeded
+    assert train_gsm8k.easy_problems("test", seed=1) != test  # and the seed matters
+    questions = [problem["question"] for problem in train + test]
+    assert len(set(questions)) == len(questions)  # distinct, so no test question is in train
+    kinds = {"gives": 0, "Each pack": 0, "Monday": 0}
+    for problem in train + test:
+        expected = solve_easy(problem["question"])
+        assert reward.reference_answer(problem["answer"]) == str(expected), problem
+        assert gsm8k_reward(f"So the answer is \\boxed{{{expected}}}.", problem["answer"], strict=True) == 1.0
+        for word in kinds:
+            kinds[word] += word in problem["question"]
+    assert all(400 < count < 600 for count in kinds.values()), kinds  # the four kinds about equally often
+    cfg = train_gsm8k.Config(data="easy")
+    assert train_gsm8k.load_problems(cfg, "test") == test  # --data easy, checked like any other data
+    assert train_gsm8k.check_problems(train, "easy") == train
+
+
+def test_system_prompt_is_what_sampling_and_evaluation_see(tokenizer, monkeypatch):
+    import train_gsm8k
+    cfg = train_gsm8k.Config(system_prompt="Reply in verse.", branch=2, depth=1, segment_tokens=2, device="cpu")
+    seen = []
+    real_sample_trees = train_gsm8k.sample_trees
+    def spy(model, tokenizer, prompts, **kwargs):
+        seen.extend(prompts)
+        return real_sample_trees(model, tokenizer, prompts, **kwargs)
+    monkeypatch.setattr(train_gsm8k, "sample_trees", spy)
+    model = tiny_model(len(tokenizer))
+    problems = train_gsm8k.easy_problems("test")[:2]
+    train_gsm8k.sample_and_score(model, tokenizer, problems, cfg, "cpu")
+    train_gsm8k.evaluate(model, tokenizer, problems, cfg, "cpu")
+    assert len(seen) == 4 and all("system\nReply in verse.<|im_end|>" in prompt for prompt in seen)
+    assert all(problems[i % 2]["question"] in prompt for i, prompt in enumerate(seen))
+
+
 def test_smoke_honours_model_and_data(tmp_path):
     import json
     data = tmp_path / "data"
@@ -835,6 +903,18 @@ def test_plot_renders_curves_of_two_runs(tmp_path):
     train_gsm8k.main(["--plot", str(tmp_path / "tree"), str(tmp_path / "grpo")])
     png = (tmp_path / "tree" / "curves.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_curve_points_run_totals_of_tokens_and_seconds():
+    import train_gsm8k
+    records = [{"step": 0, "eval_lenient": 0.2},
+               {"step": 1, "tokens_generated": 100, "sample_s": 2.0, "loss_and_update_s": 1.0},
+               {"step": 2, "tokens_generated": 50, "sample_s": 1.5, "loss_and_update_s": 0.5, "eval_lenient": 0.4,
+                "eval_s": 9.0}]
+    assert train_gsm8k.curve_points(records, "eval_lenient", "step") == [(0, 0.2), (2, 0.4)]
+    assert train_gsm8k.curve_points(records, "eval_lenient", "tokens") == [(0, 0.2), (150, 0.4)]
+    assert train_gsm8k.curve_points(records, "eval_lenient", "seconds") == [(0.0, 0.2), (5.0, 0.4)]  # no eval_s
+    assert train_gsm8k.curve_points(records, "step_s", "step") == [(1, 3.0), (2, 2.0)]
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):

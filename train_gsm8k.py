@@ -34,6 +34,10 @@ from reward import gsm8k_reward, reference_answer
 from treerpo import NORMS, assign_advantages, backward_loss, format_tree, leaves, nodes, response_tokens, sample_trees
 
 METHODS = ("treerpo", "grpo", "treepo")
+SYSTEM_PROMPT = ("Solve the math problem step by step. "
+                 "Give the final answer as a number in \\boxed{}, for example \\boxed{42}.")
+# The CPU recipe's (README "Does it learn?"): a 135M model's answer then fits in 48 tokens.
+BRIEF_SYSTEM_PROMPT = "Solve the math problem. Be brief: write one line of working, then the final answer as \\boxed{number}."
 
 
 def knob(default, help, choices=None):
@@ -56,6 +60,7 @@ class Config:
     width: int = knob(8, "grpo: answers per question (G); treepo: the leaf budget per question (W)")
     divergence: int = knob(2, "treepo: continuations per active path and level, budget permitting")
     temperature: float = knob(0.6, "sampling temperature (the published recipe's)")
+    system_prompt: str = knob(SYSTEM_PROMPT, "the system message before every question")
     # advantages and loss
     norm: str = knob("std", "advantage normalisation", choices=NORMS)
     tau: float = knob(0.1, "drop sibling groups whose values span less than this")
@@ -92,9 +97,6 @@ SMOKE = dict(model="tiny", data="smoke", out="out/smoke", branch=2, depth=2, seg
              sample_batch_size=2, micro_batch_size=4, lr=3e-3, eval_every=2, eval_size=12, eval_batch_size=6,
              save_every=2, show_tree_every=2, width=4, device="cpu")
 
-SYSTEM_PROMPT = ("Solve the math problem step by step. "
-                 "Give the final answer as a number in \\boxed{}, for example \\boxed{42}.")
-
 # A dozen GSM8K-style problems for --smoke, in the dataset's own format.
 SMOKE_PROBLEMS = [
     {"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
@@ -103,15 +105,62 @@ SMOKE_PROBLEMS = [
 ]
 
 
+# --data easy: seeded one- and two-step word problems in GSM8K's format, small enough numbers that a
+# 135M model solves some of them, so that RL has a signal on a CPU (README "Does it learn?").
+EASY_NAMES = ["Tom", "Anna", "Ben", "Maria", "Sam", "Lily", "Jack", "Emma", "Omar", "Sofia", "Leo", "Mia"]
+EASY_ITEMS = ["apples", "pencils", "stickers", "books", "marbles", "cookies", "cards", "shells", "stamps", "balloons"]
+EASY_SIZES = {"test": 200, "train": 2000}
+EASY_SEED = 2026  # fixed, not --seed: every run trains on the same problems and is scored on the same test
+
+
+def easy_problem(rng: random.Random) -> dict:
+    """One problem, {"question", "answer"} with GSM8K's `<<a+b=c>>` working and `#### c`, of one of
+    four kinds: add, subtract, multiply, or add twice."""
+    name, item = rng.choice(EASY_NAMES), rng.choice(EASY_ITEMS)
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
+    kind = rng.choice(["add", "subtract", "multiply", "add twice"])
+    if kind == "add":
+        question, steps = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", [(a, "+", b)]
+    elif kind == "subtract":
+        question = f"{name} has {a + b} {item} and gives {b} of them away. How many {item} does {name} have left?"
+        steps = [(a + b, "-", b)]
+    elif kind == "multiply":
+        question = f"{name} buys {a} packs of {item}. Each pack has {b} {item}. How many {item} does {name} buy?"
+        steps = [(a, "*", b)]
+    else:
+        question = (f"{name} has {a} {item}, gets {b} more on Monday and {c} more on Tuesday. "
+                    f"How many {item} does {name} have now?")
+        steps = [(a, "+", b), (a + b, "+", c)]
+    working = []
+    for left, operator, right in steps:
+        result = {"+": left + right, "-": left - right, "*": left * right}[operator]
+        working.append(f"{left} {operator} {right} = <<{left}{operator}{right}={result}>>{result}")
+    return {"question": question, "answer": f"{', then '.join(working)} {item}.\n#### {result}"}
+
+
+def easy_problems(split: str, seed: int = EASY_SEED) -> list[dict]:
+    """The `split` ("train": 2000, "test": 200) of a seeded set of distinct easy problems: the
+    first 200 distinct questions are the test split, so no test question is ever trained on."""
+    rng, problems, seen = random.Random(seed), [], set()
+    while len(problems) < EASY_SIZES["test"] + EASY_SIZES["train"]:
+        problem = easy_problem(rng)
+        if problem["question"] not in seen:
+            seen.add(problem["question"])
+            problems.append(problem)
+    return problems[:EASY_SIZES["test"]] if split == "test" else problems[EASY_SIZES["test"]:]
+
+
 # ----------------------------------------------------------------------------------------------
 # Data, model, prompts
 
 
 def load_problems(cfg: Config, split: str) -> list[dict]:
     """GSM8K-format problems ({"question", "answer" ending in "#### <number>"}) of `split`
-    ("train" or "test"): the built-in smoke set, local JSON Lines files, or a hub dataset."""
+    ("train" or "test"): the built-in smoke set, the easy generator, local JSON Lines files, or a hub dataset."""
     if cfg.data == "smoke":
         return SMOKE_PROBLEMS
+    if cfg.data == "easy":
+        return easy_problems(split)
     import datasets
     files = local_data_files(cfg.data)
     if files:
@@ -218,8 +267,8 @@ def adapters_off(peft_model):
     return forward
 
 
-def chat_prompt(tokenizer, question: str) -> str:
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+def chat_prompt(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT) -> str:
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -243,7 +292,7 @@ def autocast(device: str):
 
 def sample_and_score(model, tokenizer, problems: list[dict], cfg: Config, device: str):
     """Sample one tree per problem, reward its leaves and fill values and advantages."""
-    prompts = [chat_prompt(tokenizer, problem["question"]) for problem in problems]
+    prompts = [chat_prompt(tokenizer, problem["question"], cfg.system_prompt) for problem in problems]
     roots = []
     for start in tqdm(range(0, len(prompts), cfg.sample_batch_size), desc="sampling", leave=False):
         with autocast(device):
@@ -321,7 +370,7 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str) -
     for start in tqdm(range(0, len(problems), cfg.eval_batch_size), desc="evaluating", leave=False):
         batch = problems[start:start + cfg.eval_batch_size]
         with autocast(device):
-            roots = sample_trees(model, tokenizer, [chat_prompt(tokenizer, p["question"]) for p in batch],
+            roots = sample_trees(model, tokenizer, [chat_prompt(tokenizer, p["question"], cfg.system_prompt) for p in batch],
                                  branch=1, depth=1, segment_tokens=cfg.depth * cfg.segment_tokens, do_sample=False)
         for root, problem in zip(roots, batch):
             answer = root.children[0]
@@ -365,9 +414,29 @@ def show_tree(root, tokenizer, step: int, cfg: Config):
     (folder / f"step_{step}.txt").write_text(text)
 
 
-CURVES = [("reward", "training reward (fraction of correct leaves)"), ("eval_lenient", "held-out Pass@1, lenient"),
-          ("eval_strict", "held-out Pass@1, strict"), ("response_tokens", "mean response tokens (leaves)"),
-          ("tokens_generated", "tokens generated per step"), ("sample_s", "seconds sampling per step")]
+# (y, x, title): x is the step, or what the run had spent by then: tokens generated, seconds trained
+CURVES = [("eval_lenient", "step", "held-out Pass@1, lenient"),
+          ("eval_lenient", "tokens", "held-out Pass@1, lenient, vs tokens generated"),
+          ("eval_lenient", "seconds", "held-out Pass@1, lenient, vs seconds trained"),
+          ("eval_strict", "step", "held-out Pass@1, strict"),
+          ("eval_response_tokens", "step", "held-out mean response tokens"),
+          ("reward", "step", "training reward (fraction of correct leaves)"),
+          ("response_tokens", "step", "training mean response tokens (leaves)"),
+          ("tokens_generated", "step", "tokens generated per step"),
+          ("step_s", "step", "seconds per step (sampling + update)")]
+
+
+def curve_points(records: list[dict], y: str, x: str) -> list[tuple[float, float]]:
+    """(x, y) for every record that has `y`. x "tokens" and "seconds" are running totals up to and
+    including that step: tokens_generated, and sample_s + loss_and_update_s (evaluation not counted)."""
+    points, tokens, seconds = [], 0, 0.0
+    for record in records:
+        step_s = record.get("sample_s", 0.0) + record.get("loss_and_update_s", 0.0)
+        tokens, seconds = tokens + record.get("tokens_generated", 0), seconds + step_s
+        record = {**record, "step_s": step_s} if "sample_s" in record else record
+        if y in record:
+            points.append(({"step": record["step"], "tokens": tokens, "seconds": seconds}[x], record[y]))
+    return points
 
 
 def plot(out_dirs: list[str]) -> Path:
@@ -378,19 +447,19 @@ def plot(out_dirs: list[str]) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("--plot needs matplotlib, an optional dependency: pip install matplotlib")
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
+    figure, axes = plt.subplots(3, 3, figsize=(15, 11))
     for out_dir in out_dirs:
         records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-        for axis, (key, title) in zip(axes.flat, CURVES):
-            points = [(record["step"], record[key]) for record in records if key in record]
+        for axis, (y, x, title) in zip(axes.flat, CURVES):
+            points = curve_points(records, y, x)
             if points:
                 axis.plot(*zip(*points), marker=".", label=Path(out_dir).name)
-            axis.set_title(title)
-            axis.set_xlabel("step")
-    axes.flat[0].legend()
+            axis.set_title(title, fontsize=10)
+            axis.set_xlabel({"step": "step", "tokens": "tokens generated", "seconds": "seconds"}[x])
+    axes.flat[0].legend(fontsize=8)
     figure.tight_layout()
     path = Path(out_dirs[0]) / "curves.png"
-    figure.savefig(path, dpi=80)
+    figure.savefig(path, dpi=60)
     return path
 
 
