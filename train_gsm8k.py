@@ -37,7 +37,8 @@ METHODS = ("treerpo", "grpo", "treepo")
 SYSTEM_PROMPT = ("Solve the math problem step by step. "
                  "Give the final answer as a number in \\boxed{}, for example \\boxed{42}.")
 # The CPU recipe's (README "Does it learn?"): a 135M model's answer then fits in 48 tokens.
-BRIEF_SYSTEM_PROMPT = "Solve the math problem. Be brief: write one line of working, then the final answer as \\boxed{number}."
+BRIEF_SYSTEM_PROMPT = ("Solve the math problem. Be brief: write one line of working, "
+                       "then the final answer as \\boxed{number}.")
 
 
 def knob(default, help, choices=None):
@@ -120,7 +121,8 @@ def easy_problem(rng: random.Random) -> dict:
     a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
     kind = rng.choice(["add", "subtract", "multiply", "add twice"])
     if kind == "add":
-        question, steps = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?", [(a, "+", b)]
+        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+        steps = [(a, "+", b)]
     elif kind == "subtract":
         question = f"{name} has {a + b} {item} and gives {b} of them away. How many {item} does {name} have left?"
         steps = [(a + b, "-", b)]
@@ -156,7 +158,8 @@ def easy_problems(split: str, seed: int = EASY_SEED) -> list[dict]:
 
 def load_problems(cfg: Config, split: str) -> list[dict]:
     """GSM8K-format problems ({"question", "answer" ending in "#### <number>"}) of `split`
-    ("train" or "test"): the built-in smoke set, the easy generator, local JSON Lines files, or a hub dataset."""
+    ("train" or "test"): the built-in smoke set, the easy generator, local JSON Lines files, or a
+    hub dataset."""
     if cfg.data == "smoke":
         return SMOKE_PROBLEMS
     if cfg.data == "easy":
@@ -369,9 +372,10 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str) -
     strict = lenient = length = 0
     for start in tqdm(range(0, len(problems), cfg.eval_batch_size), desc="evaluating", leave=False):
         batch = problems[start:start + cfg.eval_batch_size]
+        prompts = [chat_prompt(tokenizer, problem["question"], cfg.system_prompt) for problem in batch]
         with autocast(device):
-            roots = sample_trees(model, tokenizer, [chat_prompt(tokenizer, p["question"], cfg.system_prompt) for p in batch],
-                                 branch=1, depth=1, segment_tokens=cfg.depth * cfg.segment_tokens, do_sample=False)
+            roots = sample_trees(model, tokenizer, prompts, branch=1, depth=1,
+                                 segment_tokens=cfg.depth * cfg.segment_tokens, do_sample=False)
         for root, problem in zip(roots, batch):
             answer = root.children[0]
             text = tokenizer.decode(answer.tokens, skip_special_tokens=True)
