@@ -156,7 +156,7 @@ def test_treerpo_learns_easy_problems_in_a_few_steps(model_dir):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     torch.manual_seed(0)
     for _ in range(6):
-        print(train_gsm8k.train_step(model, None, tokenizer, optimizer, problems, cfg, "cpu")[0]["reward"])
+        train_gsm8k.train_step(model, None, tokenizer, optimizer, problems, cfg, "cpu")
     after = reward_now()
-    print(f"reward on the four problems: {before:.3f} -> {after:.3f}")
-    assert after >= before + 0.2
+    print(f"reward on the four problems: {before:.3f} -> {after:.3f}")  # shown with pytest -s
+    assert after >= before + 0.2, f"reward on the four problems: {before:.3f} -> {after:.3f}"
