@@ -255,13 +255,38 @@ def test_each_leaf_path_is_a_row_with_its_score_on_every_token(tokenizer):
     for row, leaf in zip(rows, leaves(root)):
         response = len(response_tokens(leaf))
         assert row["tokens"] == root.tokens + response_tokens(leaf)
-        assert row["counted"] == [False] * 2 + [True] * response  # a shared prefix counts in every row
+        assert row["weights"] == [0] * 2 + [1] * response  # a shared prefix counts in every row
         assert row["advantages"][2:] == [leaf.advantage] * response
     model = tiny_model(len(tokenizer))
     loss, stats = backward_loss(model, [chains])
     assert stats["tokens"] == sum(len(response_tokens(leaf)) for leaf in leaves(root)) == 16
     expected = -sum(leaf.advantage * len(response_tokens(leaf)) for leaf in leaves(root)) / 16  # on-policy: -mean A
     assert loss == pytest.approx(expected, abs=1e-6)
+
+
+def test_weighted_trees_train_as_the_leaf_paths(tokenizer):
+    """Each segment once with weight = its leaves and their mean score: the leaf-path rows' loss
+    and gradient (TreePO trains every leaf path with its own score), packed or not."""
+    model = eos_biased(tiny_model(len(tokenizer)), tokenizer)
+    roots = budgeted(model, tokenizer, return_logprobs=True)
+    for number, leaf in enumerate(leaf for root in roots for leaf in leaves(root)):
+        leaf.reward = float(number % 3 == 0)
+    assign_treepo_advantages(roots)
+    results = []
+    for trained, packed in ((path_trees(roots), False), (treepo.weighted_trees(roots), True),
+                            (treepo.weighted_trees(roots), False)):
+        model.zero_grad()
+        loss, stats = backward_loss(model, trained, packed=packed)
+        results.append((loss, stats, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (loss, stats, grads), *others = results
+    assert stats["clip_fraction"] == 0.0 and grads.abs().sum() > 0
+    assert others[0][1]["positions"] < stats["positions"]  # packed: each segment forwarded once
+    for other_loss, other_stats, other_grads in others:
+        assert other_stats["tokens"] == stats["tokens"]
+        assert other_loss == pytest.approx(loss, abs=1e-6)
+        torch.testing.assert_close(other_grads, grads, atol=1e-6, rtol=1e-4)
+    inner = [node for root in treepo.weighted_trees(roots) for node in nodes(root)[1:] if node.children]
+    assert any(node.weight > 1 for node in inner)  # the trees do share prefixes
 
 
 def test_format_budgeted_tree(tokenizer):

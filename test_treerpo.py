@@ -345,7 +345,7 @@ def test_shared_prefixes_counted_once(tokenizer):
     assert stats["tokens"] == sum(len(node.tokens) for node in kept)  # 14 nodes a tree, 8 leaves
     assert stats["kept_nodes"] == len(kept) and stats["pruned_nodes"] == 3 * 14 - len(kept)
     rows = [row for root in roots for row in leaf_path_rows(root)]
-    assert len(rows) <= 3 * 8 and sum(sum(row["counted"]) for row in rows) == stats["tokens"]
+    assert len(rows) <= 3 * 8 and sum(sum(row["weights"]) for row in rows) == stats["tokens"]
 
 
 def test_token_logprobs_of_some_columns_equal_the_full_forward(tokenizer):
@@ -400,6 +400,66 @@ def test_packed_tree_loss_equals_leaf_path_loss(tokenizer, arch, attention):
     assert packed_loss == pytest.approx(loss, abs=1e-5)
     torch.testing.assert_close(packed_grads, grads, atol=1e-5, rtol=1e-4)
     assert grads.abs().sum() > 0
+
+
+def loss_and_gradient(model, roots, **kwargs):
+    model.zero_grad()
+    loss, stats = backward_loss(model, roots, **kwargs)
+    return loss, stats, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_packed_rows_are_bounded_and_count_each_segment_once(tokenizer):
+    """Past max_row_tokens a tree is split into rows that repeat its prompt and ancestors as
+    context. Each trained segment counts in exactly one row, and the loss and gradient do not
+    depend on the split."""
+    model = eos_biased(tiny_model(len(tokenizer)), tokenizer)
+    roots = scored_trees(model, tokenizer)
+    roots[1].children[1].advantage = None  # pruned, with a counted subtree: context, never trained
+    counted_tokens = sum(len(node.tokens) for root in roots for node in nodes(root)[1:] if node.advantage is not None)
+    reference = loss_and_gradient(model, roots, packed=False)
+    counts = []
+    for max_row_tokens in (10**6, 60, 1):
+        rows = [row for root in roots for row in treerpo.packed_rows(root, max_row_tokens)]
+        longest_path = max(len(root.tokens) + len(response_tokens(leaf)) for root in roots for leaf in leaves(root))
+        assert all(len(row["tokens"]) <= max(max_row_tokens, longest_path) for row in rows)
+        assert sum(sum(row["weights"]) for row in rows) == counted_tokens
+        loss, stats, grads = loss_and_gradient(model, roots, packed=True, max_row_tokens=max_row_tokens)
+        assert stats["forwards"] == len(rows) and stats["tokens"] == counted_tokens
+        assert loss == pytest.approx(reference[0], abs=1e-5)
+        torch.testing.assert_close(grads, reference[2], atol=1e-5, rtol=1e-4)
+        counts.append(len(rows))
+    assert counts[0] == 3 < counts[1] < counts[2]  # a tree a row, then split, then a path or so a row
+
+
+def test_packed_row_of_a_grpo_group_holds_the_prompt_once(tokenizer):
+    model = tiny_model(len(tokenizer))
+    torch.manual_seed(0)
+    (root,) = sample_trees(model, tokenizer, [PROMPTS[1]], branch=4, depth=1, segment_tokens=6)
+    for number, leaf in enumerate(leaves(root)):
+        leaf.reward = float(number % 2)
+    assign_advantages(root)
+    (row,) = treerpo.packed_rows(root, max_tokens=4096)
+    assert row["tokens"] == root.tokens + [token for answer in root.children for token in answer.tokens]
+    assert row["positions"] == list(range(len(root.tokens))) + [len(root.tokens) + i for answer in root.children
+                                                                for i in range(len(answer.tokens))]
+    mask = treerpo.tree_mask(row)
+    first, second = len(root.tokens), len(root.tokens) + len(root.children[0].tokens)
+    assert mask[second, :first].all() and not mask[second, first:second].any()  # answers never see each other
+
+
+def test_packed_is_the_default_and_leaf_paths_serve_other_attentions(tokenizer):
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    AttentionInterface.register("sdpa_by_another_name", sdpa_attention_forward)  # an attention that is not sdpa or eager
+    model = tiny_model(len(tokenizer))
+    roots = scored_trees(model, tokenizer)
+    packed_loss, packed_stats, packed_grads = loss_and_gradient(model, roots)
+    assert packed_stats["packed"] is True
+    model.config._attn_implementation = "sdpa_by_another_name"
+    loss, stats, grads = loss_and_gradient(model, roots)
+    assert stats["packed"] is False and stats["positions"] > packed_stats["positions"]
+    assert loss == pytest.approx(packed_loss, abs=1e-5)
+    torch.testing.assert_close(grads, packed_grads, atol=1e-5, rtol=1e-4)
 
 
 def test_packed_refuses_an_attention_without_custom_masks(tokenizer):
@@ -526,6 +586,63 @@ def test_bad_sampling_arguments(tokenizer, kwargs, message):
     prompts = arguments.pop("prompts")
     with pytest.raises(ValueError, match=message):
         sample_trees(model, tokenizer, prompts, **arguments)
+
+
+# One value per refused generation_config field, away from its neutral value.
+REFUSED_VALUES = dict(
+    min_p=0.1, typical_p=0.9, epsilon_cutoff=1e-3, eta_cutoff=1e-3, top_h=0.5, no_repeat_ngram_size=1,
+    encoder_no_repeat_ngram_size=1, encoder_repetition_penalty=1.3, bad_words_ids=[[5]], force_words_ids=[[5]],
+    suppress_tokens=[5], begin_suppress_tokens=[5], sequence_bias={(5,): -1.0}, forced_bos_token_id=5,
+    forced_eos_token_id=5, forced_decoder_ids=[[1, 5]], exponential_decay_length_penalty=(2, 1.1),
+    renormalize_logits=True, min_length=3, min_new_tokens=2, num_beams=2, num_beam_groups=2, diversity_penalty=0.5,
+    num_return_sequences=2, penalty_alpha=0.6, dola_layers="low", guidance_scale=1.5,
+    watermarking_config={"greenlist_ratio": 0.25}, stop_strings=["\n"], max_time=1.0, prompt_lookup_num_tokens=3,
+    cache_implementation="static")
+
+
+def test_every_refused_generation_field_has_a_test():
+    assert set(REFUSED_VALUES) == set(treerpo.REFUSED_GENERATION)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_VALUES))
+def test_generation_config_that_changes_the_samples_is_refused(tokenizer, name):
+    """Each of these makes `generate` sample from another distribution than the one recorded, or
+    return other rows; both samplers refuse it in one line, naming the field and the way out."""
+    import treepo
+    model = tiny_model(len(tokenizer))
+    setattr(model.generation_config, name, REFUSED_VALUES[name])
+    message = f"generation_config.{name} = .* set it to"
+    with pytest.raises(ValueError, match=message):
+        sample_trees(model, tokenizer, PROMPTS, branch=2, depth=1, segment_tokens=2)
+    with pytest.raises(ValueError, match=message):
+        treepo.sample_budgeted_trees(model, tokenizer, PROMPTS, width=2, segment_tokens=2, max_depth=1)
+    setattr(model.generation_config, name, treerpo.REFUSED_GENERATION[name])  # its neutral value: fine
+    sample_trees(model, tokenizer, PROMPTS, branch=2, depth=1, segment_tokens=2)
+
+
+def test_common_sampling_settings_of_the_model_are_overridden(tokenizer):
+    """A Qwen-Instruct-like generation_config (top_k, top_p, temperature, repetition penalty, greedy)
+    changes nothing: the tree is sampled from softmax(logits / temperature) and recorded as such."""
+    model = tiny_model(len(tokenizer))
+    for name, value in dict(do_sample=False, temperature=0.2, top_k=3, top_p=0.5, repetition_penalty=1.5).items():
+        setattr(model.generation_config, name, value)
+    torch.manual_seed(0)
+    roots = sample_trees(model, tokenizer, PROMPTS, branch=3, depth=2, segment_tokens=4, return_logprobs=True)
+    siblings = [node.tokens for node in roots[0].children]
+    assert len(set(map(tuple, siblings))) > 1  # sampled, not greedy
+    for root in roots:
+        for node in nodes(root)[1:]:
+            torch.testing.assert_close(torch.tensor(node.logprobs), teacher_forced(model, root, node), atol=1e-4, rtol=0)
+
+
+def test_a_tree_too_big_for_max_rows_is_refused_before_sampling(tokenizer):
+    import treepo
+    model = tiny_model(len(tokenizer))
+    with pytest.raises(ValueError, match="2 prompts x branch 64 \\*\\* depth 4 = 33,554,432 rows .* max_rows=4,096"):
+        sample_trees(model, tokenizer, ["a", "b"], branch=64, depth=4, segment_tokens=8)
+    with pytest.raises(ValueError, match="2 prompts x width 5000 = 10,000 rows .* max_rows=4,096"):
+        treepo.sample_budgeted_trees(model, tokenizer, ["a", "b"], width=5000, segment_tokens=8, max_depth=2)
+    assert len(leaves(sample_trees(model, tokenizer, ["a"], branch=4, depth=2, segment_tokens=1, max_rows=16)[0])) == 16
 
 
 def test_tokenizer_without_pad_and_eos_is_refused(tokenizer):

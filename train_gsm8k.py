@@ -34,6 +34,7 @@ from reward import gsm8k_reward, reference_answer
 from treerpo import NORMS, assign_advantages, backward_loss, format_tree, leaves, nodes, response_tokens, sample_trees
 
 METHODS = ("treerpo", "grpo", "treepo")
+LOSS_ROWS = {"auto": None, "packed": True, "leaf-paths": False}  # --loss-rows -> backward_loss(packed=...)
 SYSTEM_PROMPT = ("Solve the math problem step by step. "
                  "Give the final answer as a number in \\boxed{}, for example \\boxed{42}.")
 # The CPU recipe's (README "Does it learn?"): a 135M model's answer then fits in 48 tokens.
@@ -72,7 +73,11 @@ class Config:
     steps: int = knob(200, "optimizer steps")
     prompts_per_step: int = knob(8, "GSM8K questions (trees) per step")
     sample_batch_size: int = knob(8, "prompts per sample_trees call (lower it to save memory)")
-    micro_batch_size: int = knob(8, "leaf paths per forward/backward in the loss")
+    loss_rows: str = knob("auto", "how the loss lays out the trees: packed (each segment once, under a tree mask: "
+                                  "needs sdpa or eager attention), leaf-paths (one row per leaf, any attention), "
+                                  "or auto (packed where the attention allows)", choices=tuple(LOSS_ROWS))
+    max_row_tokens: int = knob(4096, "packed loss: tokens per row (one forward); bigger trees are split")
+    micro_batch_size: int = knob(8, "leaf-paths loss: rows per forward/backward")
     lr: float = knob(1e-6, "AdamW learning rate, constant")
     weight_decay: float = knob(0.0, "AdamW weight decay")
     grad_clip: float = knob(1.0, "gradient norm clip")
@@ -351,10 +356,11 @@ def train_step(model, ref_model, tokenizer, optimizer, problems, cfg: Config, de
 
     start = time.perf_counter()
     model.train()  # sample_trees switched to eval mode for sampling and back
-    trained = treepo.path_trees(roots) if cfg.method == "treepo" else roots  # TreePO: one row per leaf path
+    trained = treepo.weighted_trees(roots) if cfg.method == "treepo" else roots  # TreePO: per-leaf scores
     with autocast(device):
         loss, stats = backward_loss(model, trained, ref_model=ref_model, kl_coef=cfg.kl_coef, clip_eps=cfg.clip_eps,
-                                    temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size)
+                                    temperature=cfg.temperature, packed=LOSS_ROWS[cfg.loss_rows],
+                                    max_row_tokens=cfg.max_row_tokens, micro_batch_size=cfg.micro_batch_size)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
     if stats["tokens"]:  # every group pruned: no signal, and AdamW's weight decay alone should not step
@@ -573,7 +579,7 @@ def parse_args(argv=None) -> tuple[Config, list[str] | None]:
 
 
 AT_LEAST_ONE = ("branch", "depth", "segment_tokens", "width", "divergence", "prompts_per_step", "sample_batch_size",
-                "micro_batch_size", "eval_size", "eval_batch_size", "save_every")
+                "max_row_tokens", "micro_batch_size", "eval_size", "eval_batch_size", "save_every")
 AT_LEAST_ZERO = ("steps", "eval_every", "show_tree_every", "lora_rank", "kl_coef", "tau", "weight_decay")
 ABOVE_ZERO = ("temperature", "lr", "clip_eps", "grad_clip")
 

@@ -17,8 +17,9 @@ with fixed-length segments, and spends what early finishers free on the paths st
    cut back at a random segment boundary and re-branched there (its prefix is re-encoded).
 3. Credit (`assign_treepo_advantages`): per leaf, the mean over its ancestors a of
    R - mean(R of the leaves below a), then whitened over the batch. No sibling groups, no pruning.
-4. Loss: each leaf path is one row with its score on every token (`path_trees`), so a shared
-   prefix counts once per leaf; the same `treerpo.backward_loss` trains it.
+4. Loss: each leaf path is trained with its score on every token (`path_trees`), so a shared
+   prefix counts once per leaf; `weighted_trees` gives the same loss with each segment forwarded
+   once, and the same `treerpo.backward_loss` trains it.
 """
 
 import math
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from treerpo import (SampledLogprobs, TreeNode, _check_lengths, _check_sampling_args, _special_ids, add_children,
-                     encode_prompts, format_tree, leaves, nodes, pad_rows, path_from_root, response_tokens)
+from treerpo import (SampledLogprobs, TreeNode, _check_lengths, _check_rows, _check_sampling_args, _special_ids,
+                     add_children, cache_argument, encode_prompts, format_tree, generate_settings, leaves, nodes, pad_rows, path_from_root, response_tokens)
 
 
 @dataclass(eq=False)
@@ -65,22 +66,21 @@ def has_repetition(text: str, length: int = 32, count: int = 8) -> bool:
 def sample_budgeted_trees(model, tokenizer, prompts: list[str], *, width: int, divergence: int = 2,
                           segment_tokens: int, max_depth: int, temperature: float = 1.0, top_p: float = 1.0,
                           do_sample: bool = True, return_logprobs: bool = False, repeat_length: int = 32,
-                          repeat_count: int = 8, fallback: bool = True) -> list[BudgetedNode]:
+                          repeat_count: int = 8, fallback: bool = True, max_rows: int = 4096) -> list[BudgetedNode]:
     """Sample one TreePO tree per prompt, at most `width` leaves each; returns the roots.
 
     Arguments as `treerpo.sample_trees`, plus: width, the leaf budget W; divergence, the
     continuations each active path asks for; repeat_length/repeat_count, the repetition stop
     (count 0: off); fallback, whether budget left when every path has ended is spent re-branching.
+    max_rows caps prompts x width, the most rows a level can hold.
     """
     _check_sampling_args(prompts, temperature, top_p, do_sample, width=width, divergence=divergence,
                          max_depth=max_depth, segment_tokens=segment_tokens)
+    _check_rows(len(prompts) * width, max_rows, f"{len(prompts)} prompts x width {width}")
     pad_id, eos_ids = _special_ids(model, tokenizer)
     roots = [BudgetedNode(tokens=tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts]
     _check_lengths(model, [root.tokens for root in roots], max_depth * segment_tokens)
-    generation = dict(max_new_tokens=segment_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
-                      do_sample=do_sample, repetition_penalty=1.0)
-    if do_sample:
-        generation.update(temperature=temperature, top_p=top_p, top_k=0)
+    generation = generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample)
     stop_rule = dict(max_depth=max_depth, eos_ids=eos_ids, repeat=(repeat_length, repeat_count), tokenizer=tokenizer)
     was_training = model.training
     model.eval()
@@ -120,7 +120,7 @@ def grow_budgeted(model, starts, *, width, divergence, pad_id, stop_rule, fallba
         parents = [frontier[row] for row in rows.tolist()]
 
         recorder = SampledLogprobs(logprob_temperature) if logprob_temperature else None
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model.generate, cache),
                              logits_processor=LogitsProcessorList([recorder] if recorder else []),
                              return_dict_in_generate=True, **generation)
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W)
@@ -240,6 +240,27 @@ def path_trees(roots: list[TreeNode]) -> list[TreeNode]:
                 parent = child
         chains.append(chain_root)
     return chains
+
+
+def weighted_trees(roots: list[TreeNode]) -> list[TreeNode]:
+    """The trees as the loss trains them for TreePO, each segment once: a copy of each tree whose
+    nodes carry the mean advantage of the leaves below them and weight = how many leaves that is.
+
+    This is `path_trees`' loss and gradient at a fraction of the tokens. A token shared by k leaf
+    paths is trained k times there, once with each leaf's score A_i; here once, with weight k at
+    their mean, which is the same sum, k * mean(A_i) = sum(A_i), as long as the PPO clip is inactive
+    (one update per batch: the ratio is 1). `test_weighted_trees_train_as_the_leaf_paths` checks it.
+    """
+    return [_weighted_copy(root, parent=None) for root in roots]
+
+
+def _weighted_copy(node: TreeNode, parent: TreeNode | None) -> TreeNode:
+    below = leaves(node)
+    copy = TreeNode(tokens=node.tokens, parent=parent, depth=node.depth, finished=node.finished,
+                    logprobs=node.logprobs, value=node.value, weight=len(below),
+                    advantage=None if parent is None else sum(leaf.advantage for leaf in below) / len(below))
+    copy.children = [_weighted_copy(child, copy) for child in node.children]
+    return copy
 
 
 def format_budgeted_tree(root: BudgetedNode, tokenizer, width: int = 40) -> str:

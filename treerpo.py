@@ -21,6 +21,7 @@ With depth=1 the tree is N independent answers to the prompt and TreeRPO is exac
 Works with any Hugging Face causal LM whose `generate` takes a `DynamicCache`.
 """
 
+import inspect
 import math
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class TreeNode:
     reward: float | None = None  # leaves only: the verifier's reward, set by the caller
     value: float | None = None  # mean of the children's values (a leaf: its reward)
     advantage: float | None = None  # None at the root and for the nodes of a pruned group
+    weight: int = 1  # how many times the loss counts each token (TreePO: once per leaf below)
 
 
 def nodes(root: TreeNode) -> list[TreeNode]:
@@ -125,7 +127,7 @@ def _fields(node: TreeNode, show) -> str:
 
 def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: int, segment_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
-                 return_logprobs: bool = False) -> list[TreeNode]:
+                 return_logprobs: bool = False, max_rows: int = 4096) -> list[TreeNode]:
     """Sample one tree per prompt; returns the roots.
 
     prompts: already-templated text, tokenized without special tokens (a chat template writes its
@@ -133,19 +135,19 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
         ends in EOS. Segments are at most `segment_tokens` long; only EOS ends one early.
     return_logprobs: record, per segment token, log p under softmax(logits / temperature), the
         distribution sampled from when top_p = 1. `backward_loss` uses the same definition.
+    max_rows: refuse trees whose last level could need more rows (prompts x branch ** depth),
+        before anything is allocated: each row holds a KV cache.
     Sampling runs under no_grad in eval mode; the model's train/eval mode is restored afterwards.
     """
     _check_sampling_args(prompts, temperature, top_p, do_sample, branch=branch, depth=depth, segment_tokens=segment_tokens)
+    _check_rows(len(prompts) * branch ** depth, max_rows, f"{len(prompts)} prompts x branch {branch} ** depth {depth}")
     pad_id, eos_ids = _special_ids(model, tokenizer)
     prompt_ids = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
     _check_lengths(model, prompt_ids, depth * segment_tokens)
 
     roots = [TreeNode(tokens=ids) for ids in prompt_ids]
     input_ids, attention_mask = pad_rows(prompt_ids, pad_id, side="left", device=model.device)  # (B, P)
-    generation = dict(max_new_tokens=segment_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
-                      do_sample=do_sample, repetition_penalty=1.0)  # 1.0 overrides a model's default
-    if do_sample:  # top_k=0 also overrides a default, so the sampled distribution is the one recorded
-        generation.update(temperature=temperature, top_p=top_p, top_k=0)
+    generation = generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample)
     was_training = model.training
     model.eval()  # sampling is inference: no dropout, and gradient checkpointing would turn the cache off
     try:
@@ -154,6 +156,42 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
     finally:
         model.train(was_training)
     return roots
+
+
+# A model's generation_config may carry settings that change the distribution `generate` samples
+# from (the recorded log-probs would then not be the sampled ones) or the rows it returns. The
+# common ones are overridden (`generate_settings`); any of these set away from its neutral value
+# (or None) is refused.
+REFUSED_GENERATION = dict(
+    min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None, no_repeat_ngram_size=0,
+    encoder_no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, bad_words_ids=None, force_words_ids=None,
+    suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None,
+    forced_eos_token_id=None, forced_decoder_ids=None, exponential_decay_length_penalty=None,
+    renormalize_logits=False, min_length=0, min_new_tokens=0, num_beams=1, num_beam_groups=1, diversity_penalty=0.0,
+    num_return_sequences=1, penalty_alpha=None, dola_layers=None, guidance_scale=1.0, watermarking_config=None,
+    stop_strings=None, max_time=None, prompt_lookup_num_tokens=None, cache_implementation=None)
+
+
+def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample) -> dict:
+    """The keyword arguments of every `generate` call: L new tokens, sampled from
+    softmax(logits / temperature) (top_p if given), whatever the model's generation_config says."""
+    for name, neutral in REFUSED_GENERATION.items():
+        value = getattr(model.generation_config, name, None)
+        if value is not None and value != neutral:
+            raise ValueError(f"model.generation_config.{name} = {value!r} would change what is sampled or recorded; "
+                             f"set it to {neutral!r} to sample trees")
+    generation = dict(max_new_tokens=segment_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
+                      do_sample=do_sample, repetition_penalty=1.0)  # 1.0 overrides a model's default
+    if do_sample:  # top_k=0 too: the distribution sampled is the one recorded
+        generation.update(temperature=temperature, top_p=top_p, top_k=0)
+    return generation
+
+
+def _check_rows(rows: int, max_rows: int, what: str):
+    _check_count("max_rows", max_rows)
+    if rows > max_rows:
+        raise ValueError(f"{what} = {rows:,} rows in the last level, over max_rows={max_rows:,} (each row holds a "
+                         "KV cache): sample fewer prompts per call or a smaller tree, or raise max_rows")
 
 
 @torch.no_grad()
@@ -174,7 +212,7 @@ def grow_trees(model, roots, input_ids, attention_mask, *, branch, depth, eos_id
         parents = [node for node in frontier for _ in range(branch)]
 
         recorder = SampledLogprobs(logprob_temperature) if logprob_temperature else None
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model.generate, cache),
                              logits_processor=LogitsProcessorList([recorder] if recorder else []),
                              return_dict_in_generate=True, **generation)
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W), W < L only if every row hit EOS
@@ -203,8 +241,14 @@ def encode_prompts(model, input_ids, attention_mask) -> DynamicCache:
     if input_ids.shape[1] > 1:
         # logits_to_keep=1: skip the (B, P, vocab) logits nobody reads (GBs for a 151k vocabulary).
         model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids(attention_mask[:, :-1]),
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
+              **cache_argument(model.forward, cache), use_cache=True, logits_to_keep=1)
     return cache
+
+
+def cache_argument(function, cache) -> dict:
+    """The keyword under which a model's `forward` or `generate` takes a KV cache: `cache` from
+    transformers 5.24 on (where `past_key_values` is deprecated), `past_key_values` before."""
+    return {"cache" if "cache" in inspect.signature(function).parameters else "past_key_values": cache}
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -396,76 +440,116 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------------------------
 # 4. The loss: PPO-clip on every kept node's tokens, each node counted once
+#
+# The loss forwards the trees as rows of tokens, laid out one of two ways, with the same loss and
+# gradient. Leaf paths (`leaf_path_rows`): one row per leaf, the prompt and the path's segments
+# under the usual causal mask; any attention works, but a prefix is forwarded once per leaf below
+# it. Packed (`packed_rows`, the default): whole trees one after another in a row, each segment
+# once, under a tree attention mask that lets a token see only its own path:
+#
+#     row:       [ prompt | a | aa | ab | b | ba ]      a token of ab sees the prompt, a and the
+#     positions:   0 .. P-1  P..  P+L.. P+L.. P.. P+L..   ab before it, never aa or b; its positions
+#                                                       go on from a's, as if the path stood alone
 
 
 def leaf_path_rows(root: TreeNode) -> list[dict]:
-    """One teacher-forcing row per leaf: the prompt and the path's segments, with per-token
-    `advantages`, `old_logprobs` (NaN where not recorded) and `counted` (loss mask) lists.
-
-    A node is counted in the row of the first leaf below it, so a segment shared by several
-    leaves counts once. A row ends after its last counted node (later tokens cannot change
-    earlier log-probs), and a row with nothing counted is left out.
-    """
+    """One row per leaf: the prompt and the path's segments (keys as `training_row`). A node is
+    counted in the row of the first leaf below it, so a segment shared by several leaves counts
+    once. A row ends after its last counted node (later tokens cannot change earlier log-probs),
+    and a row with nothing counted is left out."""
     rows, seen = [], set()
     for leaf in leaves(root):
-        row = {"tokens": list(root.tokens), "advantages": [0.0] * len(root.tokens),
-               "old_logprobs": [math.nan] * len(root.tokens), "counted": [False] * len(root.tokens)}
-        end = 0
-        for node in path_from_root(leaf):
-            counted = node not in seen and node.advantage is not None
-            seen.add(node)
-            row["tokens"] += node.tokens
-            row["advantages"] += [node.advantage if counted else 0.0] * len(node.tokens)
-            row["old_logprobs"] += node.logprobs if node.logprobs is not None else [math.nan] * len(node.tokens)
-            row["counted"] += [counted] * len(node.tokens)
-            end = len(row["tokens"]) if counted else end
-        if end:
-            rows.append({key: values[:end] for key, values in row.items()})
+        path = path_from_root(leaf)
+        counted = {node for node in path if node not in seen and node.advantage is not None}
+        seen.update(path)
+        if counted:
+            rows.append(training_row(_through_last_counted([root] + path, counted), counted))
     return rows
 
 
-def tree_packed_row(root: TreeNode) -> dict | None:
-    """The whole tree as one row, for `backward_loss(packed=True)`: the prompt, then depth-first
-    every node with something counted at or below it, each segment once. Beside the keys of
-    `leaf_path_rows` it holds per token `positions` (its position on its own path), `previous`
-    (the index of the token before it on its path, whose logits predict it) and `attention`
-    (T, T): token i sees token j when j <= i and j's node is i's node or one of its ancestors.
-    None when nothing is counted.
+def packed_rows(root: TreeNode, max_tokens: int) -> list[dict]:
+    """The tree in as few rows of at most `max_tokens` tokens as it takes (keys as `training_row`),
+    each segment counted in exactly one row.
+
+    The nodes with something counted at or below them go in depth-first into the current row. A
+    node that does not fit starts a new row, which repeats the prompt and the node's ancestors as
+    uncounted context. A row holds at least one node, so a single path longer than `max_tokens`
+    makes a longer row. Trees never share a row: attention cost grows with the square of a row's
+    length, and another tree's tokens would only be masked out.
     """
-    packed = [root] + [node for node in nodes(root)[1:] if any(n.advantage is not None for n in nodes(node))]
-    if len(packed) == 1:
-        return None
-    row = {key: [] for key in ("tokens", "advantages", "old_logprobs", "counted", "positions", "previous")}
-    owner, last = [], {}  # owner: the packed node of each token; last: each node's last token index
-    for slot, node in enumerate(packed):
-        start, length, counted = len(row["tokens"]), len(node.tokens), node.advantage is not None
-        parent_last = last[node.parent] if node.parent is not None else None
-        first_position = row["positions"][parent_last] + 1 if parent_last is not None else 0
+    groups, members, counted, size = [], [root], set(), len(root.tokens)
+    for node in nodes(root)[1:]:
+        if not any(below.advantage is not None for below in nodes(node)):
+            continue  # nothing to train here or below: not forwarded
+        if len(members) > 1 and size + len(node.tokens) > max_tokens:  # full: a new row, the path as context
+            groups.append((members, counted))
+            members, counted = [root] + path_from_root(node)[:-1], set()
+            size = _token_count(members)
+        members.append(node)
+        size += len(node.tokens)
+        if node.advantage is not None:
+            counted.add(node)
+    groups.append((members, counted))
+    return [training_row(_through_last_counted(members, counted), counted) for members, counted in groups if counted]
+
+
+def _token_count(some_nodes) -> int:
+    return sum(len(node.tokens) for node in some_nodes)
+
+
+def _through_last_counted(members: list[TreeNode], counted: set) -> list[TreeNode]:
+    """`members` up to its last counted node: tokens after it cannot change what is trained."""
+    ends = [slot for slot, node in enumerate(members) if node in counted]
+    return members[:ends[-1] + 1] if ends else []
+
+
+def training_row(members: list[TreeNode], counted: set) -> dict:
+    """One row for the loss: the segments of `members` one after another (each node after its
+    parent; a root is a prompt), trained where the node is in `counted`. Lists, one entry a token:
+      tokens; advantages, the node's A (0 where not trained); weights, the node's weight where
+      trained, else 0; old_logprobs, the sampling-time log-probs (NaN where not recorded);
+      positions, the token's position on its own path; previous, the index of the token before it
+      on its path, whose logits predict it (-1 for a prompt's first token).
+    And the tree mask in two parts, `slots` (the member of each token) and `sees` (members x
+    members, a sees b when b is a or one of a's ancestors), which `tree_mask` expands to (T, T).
+    """
+    row = {key: [] for key in ("tokens", "advantages", "weights", "old_logprobs", "positions", "previous", "slots")}
+    last = {}  # each member's last token index
+    for slot, node in enumerate(members):
+        start, length, trained = len(row["tokens"]), len(node.tokens), node in counted
+        before = last.get(node.parent)  # None for a prompt
+        first_position = row["positions"][before] + 1 if before is not None else 0
         row["tokens"] += node.tokens
-        row["advantages"] += [node.advantage if counted else 0.0] * length
+        row["advantages"] += [node.advantage if trained else 0.0] * length
+        row["weights"] += [node.weight if trained else 0] * length
         row["old_logprobs"] += node.logprobs if node.logprobs is not None else [math.nan] * length
-        row["counted"] += [counted] * length
         row["positions"] += range(first_position, first_position + length)
-        row["previous"] += [parent_last if parent_last is not None else -1] + list(range(start, start + length - 1))
-        owner += [slot] * length
+        row["previous"] += [before if before is not None else -1] + list(range(start, start + length - 1))
+        row["slots"] += [slot] * length
         last[node] = start + length - 1
-    slot_of = {node: slot for slot, node in enumerate(packed)}
-    sees = torch.zeros(len(packed), len(packed), dtype=torch.bool)  # sees[a, b]: b is a or an ancestor of a
-    for node in packed:
-        for step in path_from_root(node) + [root]:
-            sees[slot_of[node], slot_of[step]] = True
-    owner = torch.tensor(owner)
-    row["attention"] = sees[owner][:, owner].tril()  # (T, T)
+    slot_of = {node: slot for slot, node in enumerate(members)}
+    row["sees"] = torch.zeros(len(members), len(members), dtype=torch.bool)
+    for node in members:
+        step = node
+        while step is not None:  # every ancestor of a member is a member
+            row["sees"][slot_of[node], slot_of[step]] = True
+            step = step.parent
     return row
+
+
+def tree_mask(row: dict) -> torch.Tensor:
+    """(T, T) boolean: token i may attend to token j (j <= i, and j's node is i's or an ancestor)."""
+    slots = torch.tensor(row["slots"])
+    return row["sees"][slots][:, slots].tril()
 
 
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, columns=None, predictors=None,
                    positions=None):
     """Teacher-forced log p(token | the tokens before it) under softmax(logits / temperature).
 
-    input_ids: (rows, T); attention_mask: (rows, T), or (rows, 1, T, T) for a packed tree.
+    input_ids: (rows, T); attention_mask: (rows, T), or (1, 1, T, T) for a packed row.
     columns: the columns t to score, (K,); by default 1 .. T-1. predictors: (K,) the column whose
-    logits predict each, by default t - 1 (in a packed tree a segment's first token follows its
+    logits predict each, by default t - 1 (in a packed row a segment's first token follows its
     parent's last). positions: (rows, T) position ids, by default from the mask. Returns (rows, K).
     """
     if columns is None:
@@ -482,10 +566,11 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
     return (logits.gather(-1, targets) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
 
 
-def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, clip_eps=0.2, kl_coef=0.0):
-    """Per-token PPO clipped surrogate with an optional k3 KL penalty, summed over `mask`.
+def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None, clip_eps=0.2, kl_coef=0.0):
+    """Per-token PPO clipped surrogate with an optional k3 KL penalty, summed with `weights`.
 
-    All inputs (rows, T). Returns (sum of per-token losses, dict of sums for the stats).
+    All inputs (rows, T); weights: 0 where a token is not trained, else its node's weight (1 in
+    TreeRPO). Returns (weighted sum of per-token losses, dict of weighted sums for the stats).
         r = exp(logp - logp_old)
         loss = -min(r A, clip(r, 1 - eps, 1 + eps) A) + kl_coef * (exp(ref - logp) - (ref - logp) - 1)
     """
@@ -497,44 +582,45 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, c
         log_ratio = ref_logprobs - logprobs
         kl = torch.exp(log_ratio) - log_ratio - 1  # k3: unbiased, always >= 0
         loss = loss + kl_coef * kl
-    mask = mask.float()
     clipped = ((ratio - 1).abs() > clip_eps).float()
-    return (loss * mask).sum(), {"kl": (kl.detach() * mask).sum().item(), "clipped": (clipped * mask).sum().item()}
+    return (loss * weights).sum(), {"kl": (kl.detach() * weights).sum().item(), "clipped": (clipped * weights).sum().item()}
 
 
 def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: float = 0.0, clip_eps: float = 0.2,
-                  temperature: float = 1.0, micro_batch_size: int = 8, packed: bool = False) -> tuple[float, dict]:
+                  temperature: float = 1.0, packed: bool | None = None, max_row_tokens: int = 4096,
+                  micro_batch_size: int = 8) -> tuple[float, dict]:
     """Compute the TreeRPO loss over scored trees and back-propagate it; the caller steps the optimizer.
 
-    The loss is the mean over every counted token of the batch (SPEC §4). It is computed and
-    back-propagated micro-batch by micro-batch (each part scaled by its share of the tokens), so
-    that memory holds one micro-batch's activations, not the whole batch's. Old log-probs are the
+    The loss is the weighted mean over every counted token of the batch. It is computed and
+    back-propagated forward by forward (each part scaled by its share of the tokens), so that
+    memory holds one forward's activations, not the whole batch's. Old log-probs are the
     recorded sampling-time ones; where none were recorded the update is taken as on-policy
     (ratio 1, plain policy gradient). Returns the loss value and a dict of stats.
 
-    packed=False: one row per leaf path (`leaf_path_rows`), `micro_batch_size` rows a forward;
-    shared prefixes are forwarded once per leaf. packed=True: one row per tree (`tree_packed_row`)
-    with a tree attention mask, one tree a forward; every token is forwarded once. Needs the
-    model's attention to take a custom 4D mask: attn_implementation "sdpa" or "eager".
+    packed: True packs each tree into rows of at most `max_row_tokens` tokens under a tree mask
+        (`packed_rows`, one row a forward; each segment forwarded once), which needs an attention
+        that takes a custom 4D mask ("sdpa" or "eager"). False trains one row per leaf path
+        (`leaf_path_rows`), `micro_batch_size` rows a forward, with any attention. None (default):
+        packed where the model's attention allows it, else leaf paths.
     """
-    _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size)
+    _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens)
+    packed = _can_pack(model, packed)
     if packed:
-        _check_packable(model)
-        rows, micro_batch_size = [row for root in trees if (row := tree_packed_row(root))], 1
+        batches = [[row] for root in trees for row in packed_rows(root, max_row_tokens)]
     else:
-        rows = [row for root in trees for row in leaf_path_rows(root)]
-    rows.sort(key=lambda row: len(row["tokens"]))  # similar lengths per micro-batch: less padding
+        rows = sorted((row for root in trees for row in leaf_path_rows(root)), key=lambda row: len(row["tokens"]))
+        batches = [rows[start:start + micro_batch_size] for start in range(0, len(rows), micro_batch_size)]
     generated = [node for root in trees for node in nodes(root)[1:]]
     kept = [node for node in generated if node.advantage is not None]
-    tokens = sum(sum(row["counted"]) for row in rows)
+    tokens = sum(sum(row["weights"]) for batch in batches for row in batch)
     stats = {"tokens": tokens, "kept_nodes": len(kept), "pruned_nodes": len(generated) - len(kept),
              "mean_abs_advantage": sum(abs(node.advantage) for node in kept) / max(len(kept), 1),
-             "positions": sum(len(row["tokens"]) for row in rows), "logit_positions": 0, "kl": 0.0,
-             "clip_fraction": 0.0}
+             "positions": sum(len(row["tokens"]) for batch in batches for row in batch), "forwards": len(batches),
+             "logit_positions": 0, "kl": 0.0, "clip_fraction": 0.0, "packed": packed}
     total_loss = 0.0
-    for start in range(0, len(rows), micro_batch_size):
-        batch = collate(rows[start:start + micro_batch_size], model)
-        columns = batch["counted"].any(0).nonzero().squeeze(1)  # (K,) columns where some row is counted
+    for rows in batches:
+        batch = collate(rows, model, packed)
+        columns = (batch["weights"] > 0).any(0).nonzero().squeeze(1)  # (K,) columns where some row is trained
         inputs = (batch["input_ids"], batch["attention_mask"], temperature, columns, batch["previous"][columns],
                   batch["positions"])
         logprobs = token_logprobs(model, *inputs)  # (rows, K)
@@ -545,7 +631,7 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
         old_logprobs = batch["old_logprobs"][:, columns]
         old_logprobs = torch.where(old_logprobs.isnan(), logprobs.detach(), old_logprobs)
         loss_sum, sums = ppo_clip_loss(logprobs, old_logprobs, batch["advantages"][:, columns],
-                                       batch["counted"][:, columns], ref_logprobs, clip_eps, kl_coef)
+                                       batch["weights"][:, columns], ref_logprobs, clip_eps, kl_coef)
         stats["logit_positions"] += logprobs.numel()
         (loss_sum / tokens).backward()
         total_loss += loss_sum.item() / tokens
@@ -554,22 +640,22 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
     return total_loss, stats
 
 
-def collate(rows: list[dict], model) -> dict:
-    """Right-pad rows of `leaf_path_rows` into (rows, T) tensors on the model's device: input_ids,
-    attention_mask, positions, advantages, old_logprobs, counted, and previous (T,), the column
-    that predicts each. Padding is never counted, whatever token fills it. A packed tree
-    (`tree_packed_row`, one per batch) brings its own positions, predecessors and 4D mask."""
+def collate(rows: list[dict], model, packed: bool) -> dict:
+    """Rows of `training_row` as tensors on the model's device: input_ids, attention_mask,
+    positions, advantages, weights, old_logprobs (rows, T), and previous (T,), the column that
+    predicts each. Leaf paths are right-padded and share one `previous` (t - 1); padding is never
+    trained, whatever token fills it. A packed row (one a batch) brings its own positions,
+    predecessors and tree mask."""
     input_ids, attention_mask = pad_rows([row["tokens"] for row in rows], pad_id=0, side="right")
     width = input_ids.shape[1]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": position_ids(attention_mask),
              "previous": torch.arange(width) - 1}
-    if "attention" in rows[0]:
+    if packed:
         (row,) = rows
-        batch |= {"attention_mask": _mask_4d(row["attention"], model), "positions": torch.tensor([row["positions"]]),
+        batch |= {"attention_mask": _mask_4d(tree_mask(row), model), "positions": torch.tensor([row["positions"]]),
                   "previous": torch.tensor(row["previous"])}
-    for key, fill, dtype in (("advantages", 0.0, torch.float), ("old_logprobs", math.nan, torch.float),
-                             ("counted", False, torch.bool)):
-        batch[key] = torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], dtype=dtype)
+    for key, fill in (("advantages", 0.0), ("weights", 0), ("old_logprobs", math.nan)):
+        batch[key] = torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], dtype=torch.float)
     return {key: tensor.to(model.device) for key, tensor in batch.items()}
 
 
@@ -581,7 +667,16 @@ def _mask_4d(sees, model):
     return torch.zeros(sees.shape).masked_fill(~sees, torch.finfo(torch.float32).min)[None, None]
 
 
-def _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size):
+def _can_pack(model, packed) -> bool:
+    """Whether to pack: as asked, or (None) wherever the attention takes a custom 4D mask."""
+    attention = model.config._attn_implementation
+    if packed and attention not in ("sdpa", "eager"):
+        raise ValueError("packed=True needs an attention that takes a custom 4D mask: load the model with "
+                         f"attn_implementation='sdpa' or 'eager', not {attention!r}; packed=False trains leaf paths")
+    return attention in ("sdpa", "eager") if packed is None else bool(packed)
+
+
+def _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens):
     if not isinstance(trees, (list, tuple)) or not all(isinstance(root, TreeNode) for root in trees):
         raise ValueError(f"trees must be a list of TreeNode roots, got {type(trees).__name__}")
     unscored = [i for i, root in enumerate(trees) if root.value is None]
@@ -592,9 +687,4 @@ def _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size):
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (the one sampled with), got {temperature!r}")
     _check_count("micro_batch_size", micro_batch_size)
-
-
-def _check_packable(model):
-    if model.config._attn_implementation not in ("sdpa", "eager"):
-        raise ValueError("packed=True needs an attention that takes a custom 4D mask: load the model with "
-                         f"attn_implementation='sdpa' or 'eager', not {model.config._attn_implementation!r}")
+    _check_count("max_row_tokens", max_row_tokens)
