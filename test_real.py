@@ -125,7 +125,7 @@ def test_one_training_step_on_real_data(model_dir, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [0, 1]
     assert records[1]["leaves"] == 2 * 4 and records[1]["segments"] <= 2 * 6 and "eval_lenient" in records[1]
-    assert (out / "checkpoint" / "model.safetensors").exists()
+    assert (out / "checkpoint-000001" / "model.safetensors").exists()
 
 
 def test_readme_pictures_are_the_output_of_python_tiny_py_real(model_dir):

@@ -557,8 +557,8 @@ def test_lora_training_run_and_its_resume(tmp_path):
     pytest.importorskip("peft")
     straight = run_script("--smoke", "--lora-rank", "4", "--lr", "3e-2", "--steps", "4", "--out", str(tmp_path / "a"))
     assert any(record.get("kept_nodes", 0) > 0 and record["grad_norm"] > 0 for record in straight)
-    assert (tmp_path / "a" / "checkpoint" / "adapter_model.safetensors").exists()  # adapters only, not the model
-    assert not (tmp_path / "a" / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "a" / "checkpoint-000004" / "adapter_model.safetensors").exists()  # adapters only
+    assert not (tmp_path / "a" / "checkpoint-000004" / "model.safetensors").exists()
     run_script("--smoke", "--lora-rank", "4", "--lr", "3e-2", "--steps", "2", "--out", str(tmp_path / "b"))
     resumed = run_script("--smoke", "--lora-rank", "4", "--lr", "3e-2", "--steps", "4", "--resume",
                          "--out", str(tmp_path / "b"))
@@ -665,12 +665,41 @@ def test_missing_pad_token_falls_back_to_eos(tokenizer):
 
 
 @pytest.mark.parametrize("reward, message", [(math.nan, "has reward nan"), (math.inf, "has reward inf"),
-                                             (None, "has no reward")])
+                                             (None, "has no reward"), ("1.0", "has reward '1.0'"),
+                                             (torch.tensor(1.0), "has reward tensor")])
 def test_bad_rewards_are_refused(reward, message):
     root = hand_tree()
     leaves(root)[0].reward = reward
     with pytest.raises(ValueError, match=message):
         assign_advantages(root)
+
+
+def test_numpy_and_bool_rewards_are_numbers():
+    import numpy
+    root = hand_tree()
+    for leaf, reward in zip(leaves(root), [numpy.float32(1.0), True, numpy.int64(0), 0.0]):
+        leaf.reward = reward
+    assign_advantages(root)
+    assert all(type(node.value) is float for node in nodes(root))
+
+
+def test_overflowing_rewards_and_nan_advantages_are_refused(tokenizer):
+    root = TreeNode(tokens=[1, 2])
+    for reward in (1e308, 1e308, 0.0, 0.0):
+        add(root, [3], reward)
+    with pytest.raises(ValueError, match="non-finite advantages: rewards this large overflow"):
+        assign_advantages(root)
+    import treepo
+    with pytest.raises(ValueError, match="non-finite advantage: rewards this large overflow"):
+        treepo.assign_treepo_advantages([root])
+    for leaf, reward in zip(leaves(root), (1.0, 0.0, 0.0, 1.0)):
+        leaf.reward = reward
+    assign_advantages(root)
+    root.children[2].advantage = math.nan
+    model = tiny_model(len(tokenizer))
+    with pytest.raises(ValueError, match="a depth-1 node of tree 0 has advantage nan"):
+        backward_loss(model, [root])
+    assert all(parameter.grad is None for parameter in model.parameters())
 
 
 def test_greedy_sampling_ignores_temperature_and_top_p(tokenizer):
@@ -816,7 +845,7 @@ def test_smoke_run_covers_every_path_and_resume_is_exact(tmp_path):
     assert any(record.get("kept_nodes", 0) > 0 and record["grad_norm"] > 0 for record in straight)  # it updated
     for key in ("reward", "tokens_generated", "loss", "kl", "grad_norm", "kept_nodes", "pruned_nodes", "sample_s"):
         assert key in straight[1]
-    assert (tmp_path / "straight" / "checkpoint" / "model.safetensors").exists()
+    assert (tmp_path / "straight" / "checkpoint-000006" / "model.safetensors").exists()
     shown = (tmp_path / "straight" / "trees" / "step_2.txt").read_text()  # --show-tree-every 2 in smoke mode
     assert shown.startswith("step 2, first question") and shown.count("\n") == 2 + 2 + 4  # 6 nodes + header
 
@@ -887,8 +916,7 @@ def test_out_in_use_is_refused_and_a_finished_run_is_not_resumed(tmp_path, capsy
     import json
     out = tmp_path / "run"
     first = run_script("--smoke", "--steps", "2", "--out", str(out))
-    assert "already holds a run (metrics.jsonl): pass --resume" in refused(["--smoke", "--out", str(out)], capsys,
-                                                                           monkeypatch)
+    assert "already holds a run (metrics.jsonl): pass --resume" in refused(["--out", str(out)], capsys, monkeypatch)
     assert "already reached step 2 of --steps 2; raise --steps" in refused(
         ["--smoke", "--steps", "2", "--resume", "--out", str(out)], capsys, monkeypatch)
     monkeypatch.undo()
@@ -982,7 +1010,7 @@ def test_smoke_honours_model_and_data(tmp_path):
     failed = subprocess.run([sys.executable, "train_gsm8k.py", "--smoke", "--model", str(tmp_path / "no-model"),
                              "--out", str(tmp_path / "bad")], cwd=Path(__file__).parent, capture_output=True,
                             text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
-    assert failed.returncode != 0 and "could not load the tokenizer of" in failed.stderr  # --model is used
+    assert failed.returncode == 2 and "no-model: no such file or folder" in failed.stderr  # --model is used
 
 
 def test_a_missing_real_model_names_the_pip_packages(monkeypatch, tmp_path):
@@ -1043,7 +1071,7 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
         train_gsm8k.main(["--plot", str(tmp_path)])
 
 
-def test_help_lists_every_knob_with_its_default(capsys):
+def test_help_lists_every_knob_with_its_default(capsys, tmp_path):
     import dataclasses
     import train_gsm8k
     with pytest.raises(SystemExit):
@@ -1052,10 +1080,13 @@ def test_help_lists_every_knob_with_its_default(capsys):
     for knob in dataclasses.fields(train_gsm8k.Config):
         assert f"--{knob.name.replace('_', '-')}" in parser_help
     assert "(default: 128)" in parser_help and "(default: Qwen/Qwen2.5-0.5B-Instruct)" in parser_help
-    config, _ = train_gsm8k.parse_args([])
+    assert "'easy'" in parser_help and "--no-" not in parser_help  # every data source; switches without --no- twins
+    out = ["--out", str(tmp_path / "run")]  # whatever the working folder holds
+    config, _ = train_gsm8k.parse_args(out)
     assert (config.branch, config.depth, config.segment_tokens, config.lr) == (4, 3, 128, 1e-6)
-    smoke, _ = train_gsm8k.parse_args(["--smoke", "--branch", "3"])
+    smoke, _ = train_gsm8k.parse_args(["--smoke", "--branch", "3", *out])
     assert smoke.smoke and smoke.depth == 2 and smoke.branch == 3  # smoke defaults, command line on top
+    assert smoke.overwrite  # --smoke starts over each time (its --resume is tested with the smoke run)
 
 
 # bench.py ------------------------------------------------------------------------------------

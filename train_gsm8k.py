@@ -19,8 +19,11 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
+import numbers
 import random
+import shlex
+import sys
+import tempfile
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import run_folder
 import treepo
 from reward import gsm8k_reward, reference_answer
 from treerpo import NORMS, assign_advantages, backward_loss, format_tree, leaves, nodes, response_tokens, sample_trees
@@ -51,8 +55,9 @@ class Config:
     model: str = knob("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face model name, a local model folder, or 'tiny' "
                                                     "(a tiny random model, offline)")
     data: str = knob("openai/gsm8k", "hub dataset name; a folder with train.jsonl and test.jsonl; "
-                                     "TRAIN.jsonl,TEST.jsonl; or 'smoke' (12 built-in problems)")
-    out: str = knob("out/treerpo", "folder for metrics.jsonl and the checkpoint")
+                                     "TRAIN.jsonl,TEST.jsonl; 'easy' (generated one- and two-step word problems); "
+                                     "or 'smoke' (12 built-in problems)")
+    out: str = knob("out/treerpo", "the run's folder: metrics.jsonl, checkpoint-<step>/, trees/")
     method: str = knob("treerpo", "treerpo: a full tree; grpo: --width answers of depth * segment-tokens "
                                   "tokens; treepo: treepo.py's budgeted tree of --width leaves", choices=METHODS)
     # the tree (SPEC §5: N=4, D=3, L=128 is 84 segments, 64 leaves, ~10.7k tokens per prompt)
@@ -93,9 +98,10 @@ class Config:
                                    "to <out>/trees/step_K.txt (0: never)")
     seed: int = knob(0, "random seed (data order and sampling)")
     device: str = knob("auto", "cuda, cpu, or auto (cuda; the CPU only when asked or with --smoke)")
-    resume: bool = knob(False, "continue from <out>/checkpoint")
+    resume: bool = knob(False, "continue from the newest checkpoint in --out")
     overwrite: bool = knob(False, "start over in an --out that already holds a run (its files are deleted)")
-    smoke: bool = knob(False, "offline CPU run of every path: --model tiny, --data smoke, a small tree, 4 steps")
+    smoke: bool = knob(False, "offline CPU run of every path: --model tiny, --data smoke, a small tree, 4 steps, "
+                              "into out/smoke, starting over each time (unless --resume)")
 
 
 # --smoke changes these defaults (flags given on the command line still win, --model and --data too).
@@ -166,7 +172,7 @@ def load_problems(cfg: Config, split: str) -> list[dict]:
     ("train" or "test"): the built-in smoke set, the easy generator, local JSON Lines files, or a
     hub dataset."""
     if cfg.data == "smoke":
-        return SMOKE_PROBLEMS
+        return list(SMOKE_PROBLEMS)  # a copy: the caller shuffles it
     if cfg.data == "easy":
         return easy_problems(split)
     import datasets
@@ -308,13 +314,22 @@ def sample_and_score(model, tokenizer, problems: list[dict], cfg: Config, device
     for root, problem in zip(roots, problems):
         for leaf in leaves(root):
             text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
-            leaf.reward = gsm8k_reward(text, problem["answer"], strict=cfg.strict_reward)
+            leaf.reward = checked_score(gsm8k_reward(text, problem["answer"], strict=cfg.strict_reward), text)
     if cfg.method == "treepo":
         treepo.assign_treepo_advantages(roots)  # per leaf, whitened over the whole batch
     else:
         for root in roots:
             assign_advantages(root, norm=cfg.norm, tau=cfg.tau)
     return roots
+
+
+def checked_score(score, response: str) -> float:
+    """A verifier's score as a float: a bool, int, float or numpy scalar that is finite, else a
+    one-line error quoting the response (a string or NaN would corrupt the advantages and metrics)."""
+    if isinstance(score, numbers.Real) and math.isfinite(score):
+        return float(score)
+    raise SystemExit(f"the verifier returned {score!r} ({type(score).__name__}) for the response {response[:80]!r}: "
+                     "a reward must be a finite number (bool, int, float or a numpy scalar)")
 
 
 def sample(model, tokenizer, prompts: list[str], cfg: Config):
@@ -363,11 +378,13 @@ def train_step(model, ref_model, tokenizer, optimizer, problems, cfg: Config, de
                                     max_row_tokens=cfg.max_row_tokens, micro_batch_size=cfg.micro_batch_size)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
-    if stats["tokens"]:  # every group pruned: no signal, and AdamW's weight decay alone should not step
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))  # never applied: the weights stay finite
+    if stats["tokens"] and not skipped:  # every group pruned: no signal, and weight decay alone should not step
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seconds["loss_and_update_s"] = time.perf_counter() - start
-    return {**tree_metrics(roots, cfg.method), "loss": loss, **stats, "grad_norm": grad_norm, **seconds}, roots
+    return {**tree_metrics(roots, cfg.method), "loss": loss, **stats, "grad_norm": grad_norm, "skipped": skipped,
+            **seconds}, roots
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,31 +402,52 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str) -
         for root, problem in zip(roots, batch):
             answer = root.children[0]
             text = tokenizer.decode(answer.tokens, skip_special_tokens=True)
-            strict += gsm8k_reward(text, problem["answer"], strict=True)
-            lenient += gsm8k_reward(text, problem["answer"])
+            strict += checked_score(gsm8k_reward(text, problem["answer"], strict=True), text)
+            lenient += checked_score(gsm8k_reward(text, problem["answer"]), text)
             length += len(answer.tokens)
     n = len(problems)
     return {"eval_strict": strict / n, "eval_lenient": lenient / n, "eval_response_tokens": length / n}
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (run_folder.py makes them atomic and checks them before they are loaded)
 
 
-def save_checkpoint(model, tokenizer, optimizer, step: int, cfg: Config):
-    """<out>/checkpoint: the weights (the adapters only, with --lora-rank), the tokenizer, the
-    optimizer and RNG state, and trainer_state.json, which says how far the run got."""
-    folder = Path(cfg.out) / "checkpoint"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, folder / "trainer_state.pt")
-    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}))
+def save_checkpoint(model, tokenizer, optimizer, step: int, records: int, cfg: Config) -> Path:
+    """<out>/checkpoint-<step>: the weights (the adapters only, with --lora-rank), the tokenizer,
+    the optimizer and every RNG's state, and run_state.json: the step, how many metrics records
+    the run had logged, and the config. Weights that are not finite are never saved."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if not all(torch.isfinite(parameter).all() for parameter in trainable):
+        raise SystemExit(f"step {step}: the weights are not finite, so no checkpoint was saved (the last one remains)")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    run_state = {"step": step, "metrics_records": records, "config": dataclasses.asdict(cfg)}
+    return run_folder.save_checkpoint(Path(cfg.out), step, [
+        model.save_pretrained, tokenizer.save_pretrained,
+        lambda folder: torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, folder / "trainer_state.pt"),
+        lambda folder: (folder / "run_state.json").write_text(json.dumps(run_state))])
 
 
-def checkpoint_step(out: str) -> int | None:
-    """The step <out>/checkpoint was saved at, or None when there is none."""
-    path = Path(out) / "checkpoint" / "trainer_state.json"
-    return json.loads(path.read_text())["step"] if path.exists() else None
+def load_trainer_state(folder: Path, optimizer) -> dict:
+    """Restore the optimizer and every RNG from a checkpoint; returns its run_state.json."""
+    try:
+        state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        run_state = json.loads((folder / "run_state.json").read_text())
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as error:  # the manifest matched, so this is not damage but another script's file
+        raise SystemExit(f"--resume: cannot load {folder} ({type(error).__name__}: {error}); "
+                         "pass --overwrite to start over")
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return run_state
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes a run: the one that started it (`argv`), with --resume."""
+    return "python train_gsm8k.py " + shlex.join([arg for arg in argv if arg not in ("--resume", "--overwrite")] + ["--resume"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,50 +515,119 @@ def plot(out_dirs: list[str]) -> Path:
 # Main
 
 
-def train(cfg: Config):
+def train(cfg: Config, argv: list[str] = ()) -> dict | None:
+    """The run, from step 0 or from the newest checkpoint (--resume); returns the last record.
+    argv: the command line, for the resume command a stopped run prints."""
     device = pick_device(cfg)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        for name in ("metrics.jsonl", "checkpoint", "trees", "curves.png"):
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-            else:
-                (out / name).unlink(missing_ok=True)
+    lock = run_folder.take_lock(out)  # one run per folder: before anything in it is touched
+    try:
+        if cfg.overwrite:
+            clear_run(out)
+        checkpoint = run_folder.newest_checkpoint(out) if cfg.resume else None  # checked before any loading
+        return run(cfg, device, out, checkpoint, list(argv))
+    finally:
+        run_folder.release_lock(lock)
+
+
+def clear_run(out: Path):
+    """--overwrite: delete what a run writes into its folder (nothing else)."""
+    for path in out.iterdir():
+        if path.name.startswith((run_folder.PREFIX, "." + run_folder.PREFIX, "metrics.", "curves.")) or path.name == "trees":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run(cfg: Config, device: str, out: Path, checkpoint: Path | None, argv: list[str]) -> dict | None:
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
     train_problems = load_problems(cfg, "train")  # data first: a bad file fails before the model loads
     random.Random(cfg.seed).shuffle(train_problems)  # one fixed order, so a resume sees the next prompts
     eval_problems = load_problems(cfg, "test")[:cfg.eval_size]
 
-    first_step = checkpoint_step(cfg.out) if cfg.resume else 0
-    model, tokenizer = load_model_and_tokenizer(cfg, checkpoint=str(out / "checkpoint") if first_step else None)
+    model, tokenizer = load_model_and_tokenizer(cfg, checkpoint=str(checkpoint) if checkpoint else None)
     model.to(device)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ref_model = reference_model(cfg, model, device)
-    if first_step:  # after every model is built: building the tiny model reseeds torch
-        state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+    first_step, records = 0, 0
+    if checkpoint:  # after every model is built: building the tiny model reseeds torch
+        run_state = load_trainer_state(checkpoint, optimizer)
+        first_step = run_state["step"]
+        records = run_folder.trim_metrics(out, run_state["metrics_records"])  # later records: moved aside
+        if records < run_state["metrics_records"]:
+            tqdm.write(file=sys.stderr, s=f"note: metrics.jsonl held {records} of the {run_state['metrics_records']} records "
+                       f"{checkpoint.name} was saved after")
 
-    with open(out / "metrics.jsonl", "a") as metrics_file:
+    started, watch, record = time.perf_counter(), RunWatch(), None
+    with open(out / "metrics.jsonl", "a") as metrics_file, run_folder.GracefulStop() as stop:
         def log(record):
-            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.write(run_folder.json_record(record) + "\n")
             metrics_file.flush()  # a crash or Ctrl-C keeps every finished step
         if first_step == 0:
-            log({"step": 0, **evaluate(model, tokenizer, eval_problems, cfg, device)})
-        record = None
+            log(record := {"step": 0, **evaluate(model, tokenizer, eval_problems, cfg, device)})
+            records += 1
         bar = tqdm(range(first_step, cfg.steps), desc="training", initial=first_step, total=cfg.steps)
-        for step in bar:
-            begin = step * cfg.prompts_per_step
+        for step in range(first_step + 1, cfg.steps + 1):
+            begin = (step - 1) * cfg.prompts_per_step
             problems = [train_problems[(begin + i) % len(train_problems)] for i in range(cfg.prompts_per_step)]
-            record = {"step": step + 1, **run_step(model, ref_model, tokenizer, optimizer, problems, step + 1, cfg,
-                                                   device, eval_problems)}
+            record = {"step": step, **run_step(model, ref_model, tokenizer, optimizer, problems, step, cfg, device,
+                                               eval_problems)}
             log(record)
+            records += 1
+            bar.update()
             bar.set_postfix(reward=f"{record['reward']:.3f}", kept=record["kept_nodes"],
                             **({"eval": f"{record['eval_lenient']:.3f}"} if "eval_lenient" in record else {}))
+            problem = watch.after(record)
+            if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or problem:
+                saved = save_checkpoint(model, tokenizer, optimizer, step, records, cfg)
+            if stop.requested:
+                bar.close()
+                print(f"stopped by {stop.requested} after step {step} of {cfg.steps}; checkpoint in {saved}. "
+                      f"Resume with: {resume_command(argv)}")
+                raise SystemExit(130)
+            if problem:
+                raise SystemExit(f"{problem} The last step's checkpoint is {saved}.")
+        bar.close()
+    print(closing_line(cfg, out, first_step, time.perf_counter() - started))
     return record
+
+
+class RunWatch:
+    """Notices runs that have gone wrong: non-finite steps in a row stop the run; steps that train
+    nothing in a row get one warning line."""
+
+    def __init__(self, patience: int = 3):
+        self.patience, self.skipped, self.idle, self.warned = patience, [], [], False
+
+    def after(self, record: dict) -> str | None:
+        """A reason to stop the run after `record`, or None."""
+        self.skipped = self.skipped + [record["step"]] if record["skipped"] else []
+        if len(self.skipped) >= self.patience:
+            return (f"steps {self.skipped[0]}-{self.skipped[-1]} had a non-finite loss or gradient norm, so none was "
+                    "applied. Likely causes: a learning rate too high (--lr), a temperature too low, or a reward that "
+                    "is not finite.")
+        trained_nothing = not record["skipped"] and (record["tokens"] == 0 or record["grad_norm"] == 0)
+        self.idle = self.idle + [record["step"]] if trained_nothing else []
+        if len(self.idle) == self.patience and not self.warned:
+            self.warned = True
+            tqdm.write(f"warning: steps {self.idle[0]}-{self.idle[-1]} trained nothing (no counted token or a zero "
+                       "gradient): every sibling group had equal rewards. If the reward is 0 everywhere, the model may "
+                       "have collapsed (try a lower --lr) or the task is out of its reach; if it is 1 everywhere, the "
+                       "task is too easy.", file=sys.stderr)
+        return None
+
+
+def closing_line(cfg: Config, out: Path, first_step: int, seconds: float) -> str:
+    """Where the results are, the held-out scores before and after, and the time taken."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [record for record in records if "eval_lenient" in record]
+    scores = " -> ".join(f"{record['eval_lenient']:.0%}" for record in (evaluated[0], evaluated[-1])) if evaluated else "-"
+    strict = " -> ".join(f"{record['eval_strict']:.0%}" for record in (evaluated[0], evaluated[-1])) if evaluated else "-"
+    checkpoint = sorted(out.glob(f"{run_folder.PREFIX}*"))
+    return (f"done: steps {first_step + 1 if first_step < cfg.steps else cfg.steps}-{cfg.steps} in {seconds / 60:.1f} min; "
+            f"held-out Pass@1 ({cfg.eval_size} questions) lenient {scores}, strict {strict}; "
+            f"metrics in {out / 'metrics.jsonl'}" + (f", checkpoint {checkpoint[-1]}" if checkpoint else ""))
 
 
 def reference_model(cfg: Config, model, device: str):
@@ -535,7 +642,7 @@ def reference_model(cfg: Config, model, device: str):
 
 
 def run_step(model, ref_model, tokenizer, optimizer, problems, step: int, cfg: Config, device: str, eval_problems):
-    """One training step, then whatever is due at this step: a tree shown, an evaluation, a checkpoint."""
+    """One training step, then whatever is due at this step: a tree shown, an evaluation."""
     metrics, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)
     if cfg.show_tree_every and step % cfg.show_tree_every == 0:
         show_tree(roots[0], tokenizer, step, cfg)
@@ -543,8 +650,6 @@ def run_step(model, ref_model, tokenizer, optimizer, problems, step: int, cfg: C
         start = time.perf_counter()
         metrics |= evaluate(model, tokenizer, eval_problems, cfg, device)
         metrics["eval_s"] = time.perf_counter() - start
-    if step % cfg.save_every == 0 or step == cfg.steps:
-        save_checkpoint(model, tokenizer, optimizer, step, cfg)
     return metrics
 
 
@@ -561,14 +666,14 @@ def parse_args(argv=None) -> tuple[Config, list[str] | None]:
     for knob_field in dataclasses.fields(Config):
         flag = "--" + knob_field.name.replace("_", "-")
         help_text = f"{knob_field.metadata['help']} (default: %(default)s)"
-        if knob_field.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=knob_field.default, help=help_text)
+        if knob_field.type is bool:  # every switch is off by default
+            parser.add_argument(flag, action="store_true", help=knob_field.metadata["help"])
         else:
             parser.add_argument(flag, type=knob_field.type, default=knob_field.default, help=help_text,
                                 choices=knob_field.metadata["choices"])
     args = parser.parse_args(argv)
     if args.smoke:  # smoke defaults, then the command line again on top
-        parser.set_defaults(**SMOKE)
+        parser.set_defaults(**SMOKE, overwrite=not args.resume)  # re-runnable as written: it starts over
         args = parser.parse_args(argv)
     plot_dirs = vars(args).pop("plot")
     cfg = Config(**vars(args))
@@ -594,27 +699,59 @@ def config_problem(cfg: Config) -> str | None:
                 return f"--{name.replace('_', '-')} must be {wanted}, got {value}"
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
         return "--lora-rank needs peft, an optional dependency: pip install peft"
+    for flag, name in (("--model", cfg.model), ("--data", cfg.data)):
+        if looks_local(name) and not Path(name).exists() and "," not in name:
+            return f"{flag} {name}: no such file or folder (a hub name is namespace/name)"
     for split, path in (local_data_files(cfg.data) or {}).items():
         if not path.is_file():
             return f"--data {cfg.data}: no {split} file at {path} (GSM8K-format JSON Lines expected)"
+    rows = min(cfg.sample_batch_size, cfg.prompts_per_step) * (cfg.branch ** cfg.depth if cfg.method == "treerpo" else cfg.width)
+    if rows > 4096:
+        return (f"a sampling call would need up to {rows:,} rows in its last level, over sample_trees' max_rows of "
+                "4,096: lower --sample-batch-size or the tree (--branch, --depth, --width)")
     return out_problem(cfg)
 
 
+def looks_local(name: str) -> bool:
+    """A path, not a hub name: it starts like one (/ ./ ../ ~), has more than one '/', or its first
+    part is a folder here (`out/smolm2`: a misspelt local folder, not the hub user "out")."""
+    return (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+            or ("/" in name and Path(name.split("/")[0]).is_dir()))
+
+
 def out_problem(cfg: Config) -> str | None:
-    """--out must be writable, and must not hold another run unless --resume or --overwrite says what to do."""
-    out, step = Path(cfg.out), checkpoint_step(cfg.out)
+    """--out must be creatable, and must not hold another run unless --resume or --overwrite says
+    what to do; a --resume checkpoint must be there (its files are checked before loading)."""
+    out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         return "--resume and --overwrite contradict each other: choose one"
-    if cfg.resume and step is None:
-        return f"--resume: no checkpoint in {out / 'checkpoint'}; run without --resume first"
-    if cfg.resume and step >= cfg.steps:
-        return f"--resume: the run in {out} already reached step {step} of --steps {cfg.steps}; raise --steps to go on"
-    if not cfg.resume and not cfg.overwrite and (out / "metrics.jsonl").exists():
+    if cfg.resume:
+        try:
+            checkpoint = run_folder.newest_checkpoint(out, hashes=False)
+        except SystemExit as error:
+            return str(error)
+        if checkpoint is None:
+            return f"--resume: no checkpoint in {out}; run without --resume first"
+        step = run_folder.checkpoint_step(checkpoint)
+        if step >= cfg.steps:
+            return f"--resume: the run in {out} already reached step {step} of --steps {cfg.steps}; raise --steps to go on"
+    elif not cfg.overwrite and (out / "metrics.jsonl").exists():
         return (f"--out {out} already holds a run (metrics.jsonl): pass --resume to continue it, "
                 "--overwrite to start over, or another --out")
+    return creatable_problem(out)
+
+
+def creatable_problem(out: Path) -> str | None:
+    """Whether `out` can be created and written, tried for real (os.access says yes to root even on
+    a read-only disk): a file is made and deleted in its nearest existing folder."""
     existing = next(folder for folder in [out, *out.absolute().parents] if folder.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        return f"--out {out}: cannot create a folder there ({existing} is not a writable folder)"
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"--out {out}: cannot create a folder there ({error})"
     return None
 
 
@@ -624,16 +761,33 @@ def plot_problem(plot_dirs: list[str]) -> str | None:
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg, plot_dirs = parse_args(argv)
     if plot_dirs:
         print(f"wrote {plot(plot_dirs)}")
         return
     try:
-        train(cfg)
+        train(cfg, argv)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        print(f"\naborted. {where_to_go_on(cfg, argv)}", file=sys.stderr)
+        raise SystemExit(130)
+    except OSError as error:
+        if not run_folder.is_disk_full(error):
+            raise
+        raise SystemExit(f"the disk is full ({error}). Free some space; {where_to_go_on(cfg, argv)}")
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit("out of GPU memory. Lower --sample-batch-size (sampling), --micro-batch-size (loss) or "
-                         "--eval-batch-size; shrink the tree (--branch, --depth, --segment-tokens); add "
-                         "--gradient-checkpointing or --lora-rank 16; or --kl-coef 0 to drop the reference model.")
+        raise SystemExit("out of GPU memory. Lower --sample-batch-size (sampling), --max-row-tokens or "
+                         "--micro-batch-size (loss) or --eval-batch-size; shrink the tree (--branch, --depth, "
+                         "--segment-tokens); add --gradient-checkpointing or --lora-rank 16; or --kl-coef 0 to drop "
+                         "the reference model.")
+
+
+def where_to_go_on(cfg: Config, argv: list[str]) -> str:
+    """The last complete checkpoint and the command that resumes from it (or starts over)."""
+    checkpoints = sorted(Path(cfg.out).glob(f"{run_folder.PREFIX}*"))
+    if not checkpoints:
+        return f"No checkpoint was saved yet; start over with: python train_gsm8k.py {shlex.join(argv)} --overwrite"
+    return f"The last complete checkpoint is {checkpoints[-1]}; resume with: {resume_command(argv)}"
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ import torch
 from transformers import LogitsProcessorList
 
 from treerpo import (SampledLogprobs, TreeNode, _check_lengths, _check_rows, _check_sampling_args, _special_ids,
-                     add_children, cache_argument, encode_prompts, format_tree, generate_settings, leaves, nodes, pad_rows, path_from_root, response_tokens)
+                     add_children, cache_argument, encode_prompts, format_tree, generate_settings, leaves, nodes, pad_rows,
+                     path_from_root, response_tokens, reward_of)
 
 
 @dataclass(eq=False)
@@ -205,7 +206,7 @@ def assign_treepo_advantages(roots: list[TreeNode], eps: float = 1e-8) -> None:
     for root in roots:
         below = {node: leaves(node) for node in nodes(root)}
         for node, its_leaves in below.items():
-            rewards = [leaf_reward(leaf) for leaf in its_leaves]
+            rewards = [reward_of(leaf) for leaf in its_leaves]
             node.value = sum(rewards) / len(rewards)
         for leaf in leaves(root):
             ancestors = [root] + path_from_root(leaf)[:-1]
@@ -216,12 +217,9 @@ def assign_treepo_advantages(roots: list[TreeNode], eps: float = 1e-8) -> None:
     variance = sum((score - mean) ** 2 * tokens for _, score, tokens in scored) / max(weight - 1, 1)
     for leaf, score, _ in scored:
         leaf.advantage = (score - mean) / math.sqrt(variance + eps)
-
-
-def leaf_reward(leaf: TreeNode) -> float:
-    if leaf.reward is None or not math.isfinite(float(leaf.reward)):
-        raise ValueError(f"a leaf at depth {leaf.depth} has reward {leaf.reward}: set a finite leaf.reward on every leaf")
-    return float(leaf.reward)
+        if not math.isfinite(leaf.advantage):  # e.g. rewards near 1e308 overflow the mean
+            raise ValueError(f"a leaf at depth {leaf.depth} has a non-finite advantage: rewards this large overflow; "
+                             "scale them down")
 
 
 def path_trees(roots: list[TreeNode]) -> list[TreeNode]:

@@ -23,6 +23,7 @@ Works with any Hugging Face causal LM whose `generate` takes a `DynamicCache`.
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -390,22 +391,29 @@ def assign_advantages(root: TreeNode, *, norm: str = "std", tau: float = 0.1, ep
             advantages = [None] * len(group)
         else:
             advantages = group_advantages(values, norm=norm, eps=eps)
+            if not all(map(math.isfinite, advantages)):  # e.g. rewards near 1e308 overflow the mean
+                raise ValueError(f"the children of a depth-{parent.depth} node have values {values} and non-finite "
+                                 "advantages: rewards this large overflow; scale them down")
         for child, advantage in zip(group, advantages):
             child.advantage = advantage
 
 
 def _assign_values(node: TreeNode) -> float:
     if not node.children:
-        if node.reward is None:
-            raise ValueError(f"a leaf at depth {node.depth} has no reward: set leaf.reward on every leaf first")
-        reward = float(node.reward)
-        if not math.isfinite(reward):
-            raise ValueError(f"a leaf at depth {node.depth} has reward {reward}: rewards must be finite numbers")
-        node.value = reward
+        node.value = reward_of(node)
     else:
         child_values = [_assign_values(child) for child in node.children]
         node.value = sum(child_values) / len(child_values)
     return node.value
+
+
+def reward_of(leaf: TreeNode) -> float:
+    """A leaf's reward as a float: a finite bool, int, float or numpy number, else a ValueError."""
+    if leaf.reward is None:
+        raise ValueError(f"a leaf at depth {leaf.depth} has no reward: set leaf.reward on every leaf first")
+    if not isinstance(leaf.reward, numbers.Real) or not math.isfinite(leaf.reward):
+        raise ValueError(f"a leaf at depth {leaf.depth} has reward {leaf.reward!r}: rewards must be finite numbers")
+    return float(leaf.reward)
 
 
 def group_advantages(values: list[float], norm: str = "std", eps: float = 1e-6) -> list[float]:
@@ -682,6 +690,11 @@ def _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, m
     unscored = [i for i, root in enumerate(trees) if root.value is None]
     if unscored:  # else its loss would be 0 with 0 tokens, indistinguishable from "everything pruned"
         raise ValueError(f"tree {unscored[0]} has no values or advantages: call assign_advantages(root) first")
+    for i, root in enumerate(trees):
+        for node in nodes(root)[1:]:
+            if node.advantage is not None and not math.isfinite(node.advantage):
+                raise ValueError(f"a depth-{node.depth} node of tree {i} has advantage {node.advantage}: "
+                                 "advantages must be finite (or None: not trained)")
     if kl_coef and ref_model is None:
         raise ValueError("kl_coef > 0 needs ref_model, the frozen starting model")
     if not temperature > 0:

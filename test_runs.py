@@ -1,0 +1,338 @@
+"""A training run never loses work and never resumes wrong: faults injected into train_gsm8k.py's
+--smoke run, in this process (tiny model, CPU, seconds each). Run: python -m pytest -q test_runs.py"""
+
+import errno
+import json
+import math
+import os
+import shlex
+import signal
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import torch
+
+import run_folder
+import train_gsm8k
+
+SMOKE = ["--smoke", "--eval-size", "2", "--eval-every", "2", "--save-every", "2", "--show-tree-every", "0"]
+
+
+def run(out, *flags):
+    """train_gsm8k.main as `python train_gsm8k.py --smoke ... --out OUT FLAGS` would run it; returns
+    its exit status (0, a number, or the message SystemExit printed)."""
+    try:
+        train_gsm8k.main([*SMOKE, "--out", str(out), *flags])
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def records(out):
+    """metrics.jsonl without the timings, which differ from run to run."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{key: value for key, value in json.loads(line).items() if not key.endswith("_s")} for line in lines]
+
+
+def one_line(message):
+    assert isinstance(message, str) and "\n" not in message.strip() and "Traceback" not in message, message
+    return message
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The records of an uninterrupted 6-step run: what every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert run(out, "--steps", "6") == 0
+    result = records(out)
+    assert [record["step"] for record in result] == list(range(7))
+    return result
+
+
+def must_not_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded a model before refusing")
+    monkeypatch.setattr(train_gsm8k, "load_model_and_tokenizer", refuse)
+
+
+# 1-2. A save interrupted at any point leaves the last complete checkpoint ------------------------
+
+
+class Killed(BaseException):
+    """Stands in for kill -9: nothing catches it."""
+
+
+def raise_killed(*args, **kwargs):
+    raise Killed
+
+
+SAVE_POINTS = ["weights", "tokenizer", "trainer_state", "run_state", "fsync", "manifest", "rename", "old deleted"]
+
+
+def kill_during_save(monkeypatch, step, point):
+    """Make the save of checkpoint `step` die just before `point`."""
+    original = run_folder.save_checkpoint
+
+    def save(out, this_step, parts):
+        if this_step != step:
+            return original(out, this_step, parts)
+        parts = [raise_killed if name == point else part for name, part in zip(SAVE_POINTS, parts)]
+        with pytest.MonkeyPatch.context() as patch:
+            if point == "fsync":
+                patch.setattr(run_folder, "_fsync", raise_killed)
+            if point == "manifest":
+                patch.setattr(run_folder, "_write_synced", raise_killed)
+            if point == "rename":
+                patch.setattr(run_folder.os, "replace", raise_killed)
+            if point == "old deleted":
+                rmtree = run_folder.shutil.rmtree
+                patch.setattr(run_folder.shutil, "rmtree", lambda path, **kwargs: raise_killed()
+                              if path.name == f"{run_folder.PREFIX}{step - 2:06d}" else rmtree(path, **kwargs))
+            return original(out, this_step, parts)
+    monkeypatch.setattr(run_folder, "save_checkpoint", save)
+
+
+@pytest.mark.parametrize("point", SAVE_POINTS)
+def test_a_kill_at_any_point_of_a_save_loses_nothing(tmp_path, monkeypatch, straight, point):
+    out = tmp_path / "run"
+    kill_during_save(monkeypatch, step=4, point=point)
+    with pytest.raises(Killed):
+        run(out, "--steps", "6")
+    monkeypatch.undo()
+    (out / "run.lock").write_text("999999999")  # a killed run leaves its lock; its pid is gone
+    expected = "checkpoint-000004" if point == "old deleted" else "checkpoint-000002"
+    assert run_folder.newest_checkpoint(out).name == expected
+    assert run(out, "--steps", "6", "--resume") == 0
+    assert records(out) == straight  # every step once, as if never interrupted
+    assert [folder.name for folder in out.iterdir() if "checkpoint" in folder.name] == ["checkpoint-000006"]
+
+
+def test_a_full_disk_during_a_save_says_so_and_loses_nothing(tmp_path, monkeypatch, straight):
+    out = tmp_path / "run"
+    original = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        if "000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", disk_full)
+    message = one_line(run(out, "--steps", "6"))
+    assert message.startswith("the disk is full") and "checkpoint-000002; resume with: python train_gsm8k.py" in message
+    monkeypatch.undo()
+    assert run(out, *shlex.split(message.split("resume with: python train_gsm8k.py ")[1])[len(SMOKE) + 2:]) == 0
+    assert records(out) == straight
+
+
+# 4. metrics.jsonl agrees with the checkpoint ---------------------------------------------------
+
+
+def test_records_after_the_checkpoint_and_a_partial_line_are_moved_aside(tmp_path, straight):
+    out = tmp_path / "run"
+    assert run(out, "--steps", "4") == 0
+    with open(out / "metrics.jsonl", "a") as file:  # killed after logging step 5, before its checkpoint,
+        file.write('{"step": 5, "reward": 0.5}\n{"step": 6, "rew')  # and a line cut short by a full disk
+    assert run(out, "--steps", "6", "--resume") == 0
+    assert records(out) == straight
+    discarded = (out / "metrics.discarded.jsonl").read_text().splitlines()
+    assert json.loads(discarded[0])["step"] == 5 and discarded[1] == '{"step": 6, "rew'
+
+
+def test_records_are_strict_json():
+    import numpy
+    line = run_folder.json_record({"a": numpy.float32(0.5), "b": numpy.int64(3), "c": math.nan, "d": -math.inf,
+                                   "e": torch.tensor(2.0), "f": "text"})
+    assert json.loads(line) == {"a": 0.5, "b": 3, "c": None, "d": None, "e": 2.0, "f": "text"}
+
+
+# 5. Ctrl-C and SIGTERM ----------------------------------------------------------------------------
+
+
+def signal_during_step(monkeypatch, step, signals):
+    original = train_gsm8k.run_step
+
+    def run_step(*args, **kwargs):
+        if args[5] == step:  # run_step(model, ref_model, tokenizer, optimizer, problems, step, ...)
+            for number in signals:
+                os.kill(os.getpid(), number)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train_gsm8k, "run_step", run_step)
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_finishes_the_step_checkpoints_it_and_prints_the_resume_command(
+        tmp_path, monkeypatch, capsys, straight, number):
+    out = tmp_path / "run"
+    signal_during_step(monkeypatch, 3, [number])
+    assert run(out, "--steps", "6") == 130
+    printed = capsys.readouterr()
+    (line,) = [line for line in printed.out.splitlines() if line.startswith("stopped by")]
+    assert f"after step 3 of 6; checkpoint in {out / 'checkpoint-000003'}. Resume with: python train_gsm8k.py" in line
+    assert "Traceback" not in printed.err
+    monkeypatch.undo()
+    assert run(out, *shlex.split(line.split("Resume with: python train_gsm8k.py ")[1])[len(SMOKE) + 2:]) == 0
+    assert records(out) == straight
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+
+def test_a_second_ctrl_c_aborts_at_once_and_the_last_checkpoint_remains(tmp_path, monkeypatch, capsys, straight):
+    out = tmp_path / "run"
+    signal_during_step(monkeypatch, 3, [signal.SIGINT, signal.SIGINT])
+    assert run(out, "--steps", "6") == 130
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.err
+    (line,) = [line for line in printed.err.splitlines() if line.startswith("aborted")]
+    assert f"The last complete checkpoint is {out / 'checkpoint-000002'}; resume with:" in line
+    monkeypatch.undo()
+    assert run(out, "--steps", "6", "--resume") == 0
+    assert records(out) == straight
+
+
+# 3, 7, 8. Non-finite steps, bad scores, dead runs ------------------------------------------------
+
+
+def test_non_finite_steps_are_never_applied_nor_saved_and_stop_the_run(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    original, steps = train_gsm8k.backward_loss, []
+
+    def nan_from_step_2(model, trees, **kwargs):
+        loss, stats = original(model, trees, **kwargs)
+        steps.append(None)
+        if len(steps) >= 2:
+            for parameter in model.parameters():
+                parameter.grad = torch.full_like(parameter, math.nan)
+            loss = math.nan
+        return loss, stats
+    monkeypatch.setattr(train_gsm8k, "backward_loss", nan_from_step_2)
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
+    message = one_line(run(out, "--steps", "12"))
+    assert message.startswith("steps 2-4 had a non-finite loss or gradient norm, so none was applied. Likely causes")
+    assert message.endswith(f"The last step's checkpoint is {out / 'checkpoint-000004'}.")
+    assert [record.get("skipped") for record in records(out)] == [None, False, True, True, True]
+    assert records(out)[1]["tokens"] > 0  # step 1 did update
+    from safetensors.torch import load_file
+    weights = load_file(out / "checkpoint-000004" / "model.safetensors")
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+@pytest.mark.parametrize("score, shown", [("1.0", "'1.0' (str)"), (math.nan, "nan (float)"),
+                                          (torch.tensor(1.0), "(Tensor)")])
+def test_a_verifier_score_that_is_not_a_finite_number_is_refused(tmp_path, monkeypatch, score, shown):
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: score)
+    message = one_line(run(tmp_path / "run", "--steps", "2"))
+    assert message.startswith("the verifier returned ") and shown in message and "for the response '" in message
+
+
+def test_numpy_scores_are_numbers(tmp_path, monkeypatch):
+    import numpy
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: numpy.float64(len(text) % 2))
+    assert run(tmp_path / "run", "--steps", "2") == 0
+    assert all(0 <= record.get("reward", 0) <= 1 for record in records(tmp_path / "run"))
+
+
+def test_a_run_that_trains_nothing_says_so_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: 0.0)
+    assert run(tmp_path / "run", "--steps", "6") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: steps 1-3 trained nothing")
+
+
+# 6. Damaged state: refused in one line, before any loading; --overwrite always works ------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert run(out, "--steps", "4") == 0
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
+def test_a_damaged_checkpoint_file_is_refused_by_name(finished, monkeypatch, capsys, damage):
+    folder = finished / "checkpoint-000004"
+    must_not_load(monkeypatch)
+    for path in sorted(folder.iterdir()):
+        original = path.read_bytes()
+        if damage == "truncate":
+            path.write_bytes(original[:len(original) // 2])
+        elif damage == "garble":
+            middle = len(original) // 2
+            path.write_bytes(original[:middle] + bytes(255 - byte for byte in original[middle:middle + 8])
+                             + original[middle + 8:])
+        else:
+            path.unlink()
+        status = run(finished, "--steps", "6", "--resume")
+        message = status if isinstance(status, str) else capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{folder} is damaged: " in one_line(message) and "--overwrite" in message
+        assert path.name in message or (path.name == "manifest.json" and "manifest.json" in message)
+        path.write_bytes(original)
+
+
+def test_overwrite_starts_over_whatever_the_folder_holds(tmp_path, straight):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-000009").mkdir()
+    (out / "checkpoint-000009" / "manifest.json").write_text("{garbage")
+    (out / "metrics.jsonl").write_text("not json\n")
+    (out / "notes.txt").write_text("mine")
+    assert run(out, "--steps", "6", "--overwrite") == 0
+    assert records(out) == straight and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_garbage_manifest_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoint-000002").mkdir(parents=True)
+    (out / "checkpoint-000002" / "manifest.json").write_text("{garbage")
+    must_not_load(monkeypatch)
+    assert run(out, "--steps", "4", "--resume") == 2
+    assert "checkpoint-000002 is damaged: manifest.json cannot be read" in capsys.readouterr().err
+
+
+# One run per folder ---------------------------------------------------------------------------
+
+
+def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.lock").write_text("1")  # pid 1 is alive
+    assert one_line(run(out, "--steps", "2")) == f"--out {out} is in use by another run (pid 1): wait for it to end, or pass another --out"
+    (out / "run.lock").write_text("999999999")  # a run that was killed
+    assert run(out, "--steps", "2") == 0
+    assert not (out / "run.lock").exists()
+
+
+# 11. The command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "models/smolm2"], "--model models/smolm2: no such file or folder"),
+    (["--model", "./nowhere"], "--model ./nowhere: no such file or folder"),
+    (["--data", "../nowhere/gsm8k"], "--data ../nowhere/gsm8k: no such file or folder"),
+    (["--out", "a_file/run"], "--out a_file/run: cannot create a folder there"),
+    (["--branch", "64", "--depth", "4"], "up to 33,554,432 rows in its last level, over sample_trees' max_rows"),
+])
+def test_local_paths_that_do_not_exist_are_refused_before_loading(tmp_path, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "a_file").write_text("")
+    must_not_load(monkeypatch)
+    assert run(tmp_path / "run", *flags) == 2
+    assert message in capsys.readouterr().err
+
+
+# The GPU path as far as a CPU runs it --------------------------------------------------------------
+
+
+def test_one_training_step_under_bf16_autocast(monkeypatch):
+    """CUDA runs compute under bf16 autocast with fp32 weights; the same on the CPU here, so that a
+    dtype mistake in sampling, the loss or the update shows without a GPU."""
+    monkeypatch.setattr(train_gsm8k, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
+    cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0", "--out", "unused"])
+    model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    before = [parameter.detach().clone() for parameter in model.parameters()]
+    metrics, _ = train_gsm8k.train_step(model, None, tokenizer, optimizer, train_gsm8k.SMOKE_PROBLEMS[:4], cfg, "cpu")
+    assert metrics["tokens"] > 0 and not metrics["skipped"] and math.isfinite(metrics["loss"])
+    assert all(parameter.dtype == torch.float32 and torch.isfinite(parameter).all() for parameter in model.parameters())
+    assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
