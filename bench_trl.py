@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from reward import gsm8k_reward
+from reward import gsm8k_reward, word_problems
 from run_folder import json_record
-from train_gsm8k import BRIEF_SYSTEM_PROMPT, Config, easy_problems, evaluate
+from train_gsm8k import BRIEF_SYSTEM_PROMPT, Config, evaluate
 
 STEPS, PROMPTS_PER_STEP, ANSWERS, SEGMENT_TOKENS, DEPTH = 20, 8, 8, 16, 3  # the recipe: answers of 3 x 16 tokens
 
@@ -36,7 +36,7 @@ STEPS, PROMPTS_PER_STEP, ANSWERS, SEGMENT_TOKENS, DEPTH = 20, 8, 8, 16, 3  # the
 def recipe_order(seed: int) -> list[dict]:
     """The train problems in the order train_gsm8k.py's run with this seed takes them."""
     import random
-    problems = easy_problems("train")
+    problems = word_problems("easy", "train")
     random.Random(seed).shuffle(problems)
     return problems[:STEPS * PROMPTS_PER_STEP]
 
@@ -67,7 +67,7 @@ def main():
                                   "answer": problem["answer"]} for problem in problems])
     evaluation = Config(model=args.model, data="easy", depth=DEPTH, segment_tokens=SEGMENT_TOKENS, eval_size=100,
                         eval_batch_size=50, system_prompt=BRIEF_SYSTEM_PROMPT)
-    eval_problems = easy_problems("test")[:evaluation.eval_size]
+    eval_problems = word_problems("easy", "test")[:evaluation.eval_size]
     seen = []  # the questions of each step, as the reward function sees them
 
     def reward(prompts, completions, answer, **kwargs):

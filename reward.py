@@ -1,4 +1,4 @@
-"""GSM8K answer extraction and checking: the verifier behind the demo's reward.
+"""GSM8K answers: the verifier behind the demo's reward, and generated word problems in GSM8K's format.
 
 Which number in a completion is its answer, first rule that matches wins:
     1. the last `\\boxed{...}`               -> the last number inside it
@@ -16,6 +16,7 @@ Every pattern is linear-time: no nested quantifiers that could backtrack on long
     1.0
 """
 
+import random
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -73,3 +74,75 @@ def _canonical(numbers: list[str]) -> str | None:
         return None
     value = value.normalize() + 0  # + 0 turns -0 into 0
     return format(value, "f")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generated word problems in GSM8K's format (`--data easy`, `--data steps`), with numbers small
+# enough that a 135M model solves some of them, so that RL has a signal on a CPU. Each set is fixed
+# by its own seed, not a run's --seed: every run trains on the same problems and is scored on the
+# same test questions.
+#   easy   add, subtract, multiply, add twice (a quarter take two steps); numbers 2-9
+#   steps  add, multiply, add then give away, add twice (half take two steps); numbers 2-5
+
+PROBLEM_SETS = {"easy": (("add", "subtract", "multiply", "add twice"), 2, 9),
+                "steps": (("add", "multiply", "add then give", "add twice"), 2, 5)}
+NAMES = ["Tom", "Anna", "Ben", "Maria", "Sam", "Lily", "Jack", "Emma", "Omar", "Sofia", "Leo", "Mia"]
+ITEMS = ["apples", "pencils", "stickers", "books", "marbles", "cookies", "cards", "shells", "stamps", "balloons"]
+SIZES = {"test": 200, "train": 2000}
+SEED = 2026
+
+
+def word_problems(name: str, split: str, seed: int = SEED) -> list[dict]:
+    """The `split` ("train": 2000, "test": 200) of the seeded problem set `name`, distinct problems:
+    the first 200 are the test split, so no test question is ever trained on."""
+    kinds, low, high = PROBLEM_SETS[name]
+    rng, problems, seen = random.Random(seed), [], set()
+    while len(problems) < SIZES["test"] + SIZES["train"]:
+        problem = word_problem(rng, kinds, low, high)
+        if problem["question"] not in seen:
+            seen.add(problem["question"])
+            problems.append(problem)
+    return problems[:SIZES["test"]] if split == "test" else problems[SIZES["test"]:]
+
+
+def word_problem(rng: random.Random, kinds, low: int, high: int) -> dict:
+    """One problem of a random kind, {"question", "answer"} with GSM8K's `<<a+b=c>>` working and
+    `#### c`; a two-step problem's first `<<...>>` is its intermediate result."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b, c = rng.randint(low, high), rng.randint(low, high), rng.randint(low, high)
+    kind = rng.choice(kinds)
+    if kind == "add":
+        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+        steps = [(a, "+", b)]
+    elif kind == "subtract":
+        question = f"{name} has {a + b} {item} and gives {b} of them away. How many {item} does {name} have left?"
+        steps = [(a + b, "-", b)]
+    elif kind == "multiply":
+        question = f"{name} buys {a} packs of {item}. Each pack has {b} {item}. How many {item} does {name} buy?"
+        steps = [(a, "*", b)]
+    elif kind == "add then give":
+        c = min(c, a + b - 1)  # something is left
+        question = (f"{name} has {a} {item} and gets {b} more. Then {name} gives {c} away. "
+                    f"How many {item} does {name} have now?")
+        steps = [(a, "+", b), (a + b, "-", c)]
+    else:
+        question = (f"{name} has {a} {item}, gets {b} more on Monday and {c} more on Tuesday. "
+                    f"How many {item} does {name} have now?")
+        steps = [(a, "+", b), (a + b, "+", c)]
+    working = []
+    for left, operator, right in steps:
+        result = {"+": left + right, "-": left - right, "*": left * right}[operator]
+        working.append(f"{left} {operator} {right} = <<{left}{operator}{right}={result}>>{result}")
+    return {"question": question, "answer": f"{', then '.join(working)} {item}.\n#### {result}"}
+
+
+def numbers_in(text: str) -> list[str]:
+    """Every number in `text`, canonical ('1,234.50' -> '1234.5')."""
+    return [_canonical([number]) for number in _numbers(text.replace("\u2212", "-"))]
+
+
+def intermediate_result(answer: str) -> str | None:
+    """The first of several `<<expr=result>>` steps of a GSM8K answer (canonical), or None for a
+    one-step answer."""
+    results = re.findall(r"<<[^=<>]*=([^<>]*)>>", answer)
+    return _canonical(_numbers(results[0])[:1]) if len(results) > 1 else None

@@ -5,6 +5,7 @@
     <out>/checkpoint-000008/         the newest complete checkpoint: weights, optimizer, RNG, step,
         manifest.json                written last: every file's size and SHA-256
     <out>/metrics.discarded.jsonl    records a resume moved aside (logged after the checkpoint)
+    <out>/trees.jsonl                with --save-trees: every step's trees, trimmed the same way
 
 A checkpoint is written into a temporary folder, flushed to disk, and renamed into place in one
 step; the previous one is deleted only after that, so a crash at any instant leaves a complete
@@ -184,14 +185,13 @@ def json_record(record: dict) -> str:
     return json.dumps({key: plain(value) for key, value in record.items()}, allow_nan=False)
 
 
-def trim_metrics(out: Path, records: int) -> int:
-    """Keep the first `records` records of <out>/metrics.jsonl, those the checkpoint saw; move any
-    later record and a partial last line to <out>/metrics.discarded.jsonl. Returns how many are kept."""
-    path = out / "metrics.jsonl"
+def trim_records(path: Path, records: int) -> int:
+    """Keep the first `records` lines of a JSON Lines file (<out>/metrics.jsonl: those the checkpoint
+    saw); move any later line, and a partial last line, to <name>.discarded.jsonl beside it. Returns
+    how many are kept."""
     lines = path.read_bytes().split(b"\n") if path.exists() else []
-    complete = [line for line in lines[:-1]]  # everything before the last newline; lines[-1] is partial or b""
     kept = []
-    for line in complete[:records]:
+    for line in lines[:-1][:records]:  # lines[-1] follows the last newline: partial, or b""
         try:
             json.loads(line)
         except ValueError:
@@ -199,7 +199,7 @@ def trim_metrics(out: Path, records: int) -> int:
         kept.append(line)
     moved = [line for line in lines[len(kept):] if line.strip()]
     if moved:
-        with open(out / "metrics.discarded.jsonl", "ab") as file:
+        with open(path.with_suffix(".discarded.jsonl"), "ab") as file:
             file.write(b"".join(line + b"\n" for line in moved))
     _write_synced(path, b"".join(line + b"\n" for line in kept).decode())
     return len(kept)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import reward
 import tiny
 from test_treerpo import teacher_forced
 from train_gsm8k import SMOKE_PROBLEMS, chat_prompt
@@ -144,7 +145,7 @@ def test_treerpo_learns_easy_problems_in_a_few_steps(model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = train_gsm8k.Config(model=model_dir, data="easy", system_prompt=train_gsm8k.BRIEF_SYSTEM_PROMPT, branch=2,
                              depth=3, segment_tokens=16, temperature=0.7, kl_coef=0.0, lr=3e-5, micro_batch_size=16)
-    problems = train_gsm8k.easy_problems("train")[:4]
+    problems = reward.word_problems("easy", "train")[:4]
 
     def reward_now():
         torch.manual_seed(1)

@@ -16,7 +16,8 @@ import torch
 import run_folder
 import train_gsm8k
 
-SMOKE = ["--smoke", "--eval-size", "2", "--eval-every", "2", "--save-every", "2", "--show-tree-every", "0"]
+SMOKE = ["--smoke", "--eval-size", "2", "--eval-every", "2", "--save-every", "2", "--show-tree-every", "0",
+         "--save-trees"]
 
 
 def run(out, *flags):
@@ -41,11 +42,16 @@ def one_line(message):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """The records of an uninterrupted 6-step run: what every resumed run must reproduce."""
+def straight_out(tmp_path_factory):
+    """An uninterrupted 6-step run: what every resumed run must reproduce."""
     out = tmp_path_factory.mktemp("straight") / "run"
     assert run(out, "--steps", "6") == 0
-    result = records(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight(straight_out):
+    result = records(straight_out)
     assert [record["step"] for record in result] == list(range(7))
     return result
 
@@ -94,7 +100,7 @@ def kill_during_save(monkeypatch, step, point):
 
 
 @pytest.mark.parametrize("point", SAVE_POINTS)
-def test_a_kill_at_any_point_of_a_save_loses_nothing(tmp_path, monkeypatch, straight, point):
+def test_a_kill_at_any_point_of_a_save_loses_nothing(tmp_path, monkeypatch, straight, straight_out, point):
     out = tmp_path / "run"
     kill_during_save(monkeypatch, step=4, point=point)
     with pytest.raises(Killed):
@@ -105,6 +111,7 @@ def test_a_kill_at_any_point_of_a_save_loses_nothing(tmp_path, monkeypatch, stra
     assert run_folder.newest_checkpoint(out).name == expected
     assert run(out, "--steps", "6", "--resume") == 0
     assert records(out) == straight  # every step once, as if never interrupted
+    assert (out / "trees.jsonl").read_text() == (straight_out / "trees.jsonl").read_text()  # --save-trees too
     assert [folder.name for folder in out.iterdir() if "checkpoint" in folder.name] == ["checkpoint-000006"]
 
 

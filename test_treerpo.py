@@ -944,10 +944,12 @@ def test_bad_data_files_are_named_with_their_line(tmp_path, capsys):
     assert test == [good]
 
 
-def solve_easy(question: str) -> int:
-    """The answer of an easy problem read off its words, independently of how they were generated."""
+def solve_word_problem(question: str) -> int:
+    """The answer of a generated problem read off its words, independently of how it was generated."""
     import re
     numbers = [int(n) for n in re.findall(r"\d+", question)]
+    if "gets" in question and "gives" in question:
+        return numbers[0] + numbers[1] - numbers[2]
     if "gives" in question:
         return numbers[0] - numbers[1]
     if "Each pack has" in question:
@@ -955,25 +957,28 @@ def solve_easy(question: str) -> int:
     return sum(numbers)  # gets N more (and M more)
 
 
-def test_easy_problems_are_seeded_disjoint_and_right():
+@pytest.mark.parametrize("name, kinds", [("easy", {"gives": 0, "Each pack": 0, "Monday": 0}),
+                                         ("steps", {"Then": 0, "Each pack": 0, "Monday": 0})])
+def test_word_problems_are_seeded_disjoint_and_right(name, kinds):
     import train_gsm8k
-    train, test = train_gsm8k.easy_problems("train"), train_gsm8k.easy_problems("test")
+    train, test = reward.word_problems(name, "train"), reward.word_problems(name, "test")
     assert (len(train), len(test)) == (2000, 200)
-    assert train == train_gsm8k.easy_problems("train") and test == train_gsm8k.easy_problems("test")  # seeded
-    assert train_gsm8k.easy_problems("test", seed=1) != test  # and the seed matters
+    assert train == reward.word_problems(name, "train") and test == reward.word_problems(name, "test")  # seeded
+    assert reward.word_problems(name, "test", seed=1) != test  # and the seed matters
     questions = [problem["question"] for problem in train + test]
     assert len(set(questions)) == len(questions)  # distinct, so no test question is in train
-    kinds = {"gives": 0, "Each pack": 0, "Monday": 0}
     for problem in train + test:
-        expected = solve_easy(problem["question"])
+        expected = solve_word_problem(problem["question"])
         assert reward.reference_answer(problem["answer"]) == str(expected), problem
         assert gsm8k_reward(f"So the answer is \\boxed{{{expected}}}.", problem["answer"], strict=True) == 1.0
+        two_steps = "Monday" in problem["question"] or "Then" in problem["question"]
+        assert (reward.intermediate_result(problem["answer"]) is not None) == two_steps
         for word in kinds:
             kinds[word] += word in problem["question"]
-    assert all(400 < count < 600 for count in kinds.values()), kinds  # the four kinds about equally often
-    cfg = train_gsm8k.Config(data="easy")
-    assert train_gsm8k.load_problems(cfg, "test") == test  # --data easy, checked like any other data
-    assert train_gsm8k.check_problems(train, "easy") == train
+    assert all(400 < count < 650 for count in kinds.values()), kinds  # the four kinds about equally often
+    cfg = train_gsm8k.Config(data=name)
+    assert train_gsm8k.load_problems(cfg, "test") == test  # --data easy/steps, checked like any other data
+    assert train_gsm8k.check_problems(train, name) == train
 
 
 def test_system_prompt_is_what_sampling_and_evaluation_see(tokenizer, monkeypatch):
@@ -986,7 +991,7 @@ def test_system_prompt_is_what_sampling_and_evaluation_see(tokenizer, monkeypatc
         return real_sample_trees(model, tokenizer, prompts, **kwargs)
     monkeypatch.setattr(train_gsm8k, "sample_trees", spy)
     model = tiny_model(len(tokenizer))
-    problems = train_gsm8k.easy_problems("test")[:2]
+    problems = reward.word_problems("easy", "test")[:2]
     train_gsm8k.sample_and_score(model, tokenizer, problems, cfg, "cpu")
     train_gsm8k.evaluate(model, tokenizer, problems, cfg, "cpu")
     assert len(seen) == 4 and all("system\nReply in verse.<|im_end|>" in prompt for prompt in seen)

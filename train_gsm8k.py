@@ -34,16 +34,21 @@ from tqdm import tqdm
 
 import run_folder
 import treepo
-from reward import gsm8k_reward, reference_answer
+from reward import PROBLEM_SETS, gsm8k_reward, reference_answer, word_problems
 from treerpo import NORMS, assign_advantages, backward_loss, format_tree, leaves, nodes, response_tokens, sample_trees
 
 METHODS = ("treerpo", "grpo", "treepo")
 LOSS_ROWS = {"auto": None, "packed": True, "leaf-paths": False}  # --loss-rows -> backward_loss(packed=...)
-SYSTEM_PROMPT = ("Solve the math problem step by step. "
-                 "Give the final answer as a number in \\boxed{}, for example \\boxed{42}.")
-# The CPU recipe's (README "Does it learn?"): a 135M model's answer then fits in 48 tokens.
-BRIEF_SYSTEM_PROMPT = ("Solve the math problem. Be brief: write one line of working, "
-                       "then the final answer as \\boxed{number}.")
+SYSTEM_PROMPTS = {  # --system-prompt takes one of these names, or any text
+    "demo": "Solve the math problem step by step. Give the final answer as a number in \\boxed{}, for example \\boxed{42}.",
+    # the CPU recipe's (README "Does it learn?"): a 135M model's answer then fits in 48 tokens
+    "brief": "Solve the math problem. Be brief: write one line of working, then the final answer as \\boxed{number}.",
+    # the credit experiment's (docs/credit.md): one line per step, so that a two-step answer spans segments
+    "lines": ("Solve the math problem with one equation per line, then write the final answer as \\boxed{number}.\n"
+              "Example question: Tom has 2 apples, gets 3 more on Monday and 4 more on Tuesday. How many apples does "
+              "Tom have now?\nExample answer:\n2 + 3 = 5\n5 + 4 = 9\n\\boxed{9}"),
+}
+SYSTEM_PROMPT, BRIEF_SYSTEM_PROMPT = SYSTEM_PROMPTS["demo"], SYSTEM_PROMPTS["brief"]
 
 
 def knob(default, help, choices=None):
@@ -55,8 +60,8 @@ class Config:
     model: str = knob("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face model name, a local model folder, or 'tiny' "
                                                     "(a tiny random model, offline)")
     data: str = knob("openai/gsm8k", "hub dataset name; a folder with train.jsonl and test.jsonl; "
-                                     "TRAIN.jsonl,TEST.jsonl; 'easy' (generated one- and two-step word problems); "
-                                     "or 'smoke' (12 built-in problems)")
+                                     "TRAIN.jsonl,TEST.jsonl; 'easy' or 'steps' (generated one- and two-step word "
+                                     "problems, reward.py); or 'smoke' (12 built-in problems)")
     out: str = knob("out/treerpo", "the run's folder: metrics.jsonl, checkpoint-<step>/, trees/")
     method: str = knob("treerpo", "treerpo: a full tree; grpo: --width answers of depth * segment-tokens "
                                   "tokens; treepo: treepo.py's budgeted tree of --width leaves", choices=METHODS)
@@ -67,7 +72,8 @@ class Config:
     width: int = knob(8, "grpo: answers per question (G); treepo: the leaf budget per question (W)")
     divergence: int = knob(2, "treepo: continuations per active path and level, budget permitting")
     temperature: float = knob(0.6, "sampling temperature (the published recipe's)")
-    system_prompt: str = knob(SYSTEM_PROMPT, "the system message before every question")
+    system_prompt: str = knob("demo", "the system message before every question: demo, brief or lines "
+                                      "(train_gsm8k.SYSTEM_PROMPTS), or any text")
     # advantages and loss
     norm: str = knob("std", "advantage normalisation", choices=NORMS)
     tau: float = knob(0.1, "drop sibling groups whose values span less than this")
@@ -94,6 +100,8 @@ class Config:
     eval_size: int = knob(200, "held-out GSM8K test questions to evaluate on")
     eval_batch_size: int = knob(64, "questions per greedy generate call in evaluation")
     save_every: int = knob(50, "checkpoint every this many steps (and at the end)")
+    save_trees: bool = knob(False, "write every step's trees (token ids, rewards, values, advantages) to "
+                                   "<out>/trees.jsonl, a line a step, for analyses such as credit.py")
     show_tree_every: int = knob(0, "print the first tree of the step every this many steps, and save it "
                                    "to <out>/trees/step_K.txt (0: never)")
     seed: int = knob(0, "random seed (data order and sampling)")
@@ -117,52 +125,6 @@ SMOKE_PROBLEMS = [
 ]
 
 
-# --data easy: seeded one- and two-step word problems in GSM8K's format, small enough numbers that a
-# 135M model solves some of them, so that RL has a signal on a CPU (README "Does it learn?").
-EASY_NAMES = ["Tom", "Anna", "Ben", "Maria", "Sam", "Lily", "Jack", "Emma", "Omar", "Sofia", "Leo", "Mia"]
-EASY_ITEMS = ["apples", "pencils", "stickers", "books", "marbles", "cookies", "cards", "shells", "stamps", "balloons"]
-EASY_SIZES = {"test": 200, "train": 2000}
-EASY_SEED = 2026  # fixed, not --seed: every run trains on the same problems and is scored on the same test
-
-
-def easy_problem(rng: random.Random) -> dict:
-    """One problem, {"question", "answer"} with GSM8K's `<<a+b=c>>` working and `#### c`, of one of
-    four kinds: add, subtract, multiply, or add twice."""
-    name, item = rng.choice(EASY_NAMES), rng.choice(EASY_ITEMS)
-    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 9)
-    kind = rng.choice(["add", "subtract", "multiply", "add twice"])
-    if kind == "add":
-        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
-        steps = [(a, "+", b)]
-    elif kind == "subtract":
-        question = f"{name} has {a + b} {item} and gives {b} of them away. How many {item} does {name} have left?"
-        steps = [(a + b, "-", b)]
-    elif kind == "multiply":
-        question = f"{name} buys {a} packs of {item}. Each pack has {b} {item}. How many {item} does {name} buy?"
-        steps = [(a, "*", b)]
-    else:
-        question = (f"{name} has {a} {item}, gets {b} more on Monday and {c} more on Tuesday. "
-                    f"How many {item} does {name} have now?")
-        steps = [(a, "+", b), (a + b, "+", c)]
-    working = []
-    for left, operator, right in steps:
-        result = {"+": left + right, "-": left - right, "*": left * right}[operator]
-        working.append(f"{left} {operator} {right} = <<{left}{operator}{right}={result}>>{result}")
-    return {"question": question, "answer": f"{', then '.join(working)} {item}.\n#### {result}"}
-
-
-def easy_problems(split: str, seed: int = EASY_SEED) -> list[dict]:
-    """The `split` ("train": 2000, "test": 200) of a seeded set of distinct easy problems: the
-    first 200 distinct questions are the test split, so no test question is ever trained on."""
-    rng, problems, seen = random.Random(seed), [], set()
-    while len(problems) < EASY_SIZES["test"] + EASY_SIZES["train"]:
-        problem = easy_problem(rng)
-        if problem["question"] not in seen:
-            seen.add(problem["question"])
-            problems.append(problem)
-    return problems[:EASY_SIZES["test"]] if split == "test" else problems[EASY_SIZES["test"]:]
-
-
 # ----------------------------------------------------------------------------------------------
 # Data, model, prompts
 
@@ -173,8 +135,8 @@ def load_problems(cfg: Config, split: str) -> list[dict]:
     hub dataset."""
     if cfg.data == "smoke":
         return list(SMOKE_PROBLEMS)  # a copy: the caller shuffles it
-    if cfg.data == "easy":
-        return easy_problems(split)
+    if cfg.data in PROBLEM_SETS:
+        return word_problems(cfg.data, split)
     import datasets
     files = local_data_files(cfg.data)
     if files:
@@ -281,8 +243,10 @@ def adapters_off(peft_model):
     return forward
 
 
-def chat_prompt(tokenizer, question: str, system_prompt: str = SYSTEM_PROMPT) -> str:
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+def chat_prompt(tokenizer, question: str, system_prompt: str = "demo") -> str:
+    """The question in the model's chat template, after a system message: a SYSTEM_PROMPTS name or any text."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPTS.get(system_prompt, system_prompt)},
+                {"role": "user", "content": question}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -454,6 +418,16 @@ def resume_command(argv: list[str]) -> str:
 # Seeing what happens: one tree now and then, and the curves
 
 
+def tree_record(root, problem: dict) -> dict:
+    """A tree as JSON for --save-trees: the problem, and its nodes depth-first, each with the index
+    of its parent (-1 for the prompt), token ids, and reward, value and advantage (null if unset)."""
+    order = nodes(root)
+    index = {node: number for number, node in enumerate(order)}
+    return {"question": problem["question"], "answer": problem["answer"],
+            "nodes": [{"parent": index.get(node.parent, -1), "tokens": node.tokens, "finished": node.finished,
+                       "reward": node.reward, "value": node.value, "advantage": node.advantage} for node in order]}
+
+
 def show_tree(root, tokenizer, step: int, cfg: Config):
     text = f"step {step}, first question of the batch:\n{format_tree(root, tokenizer, width=48)}\n"
     tqdm.write(text)
@@ -534,7 +508,7 @@ def train(cfg: Config, argv: list[str] = ()) -> dict | None:
 def clear_run(out: Path):
     """--overwrite: delete what a run writes into its folder (nothing else)."""
     for path in out.iterdir():
-        if path.name.startswith((run_folder.PREFIX, "." + run_folder.PREFIX, "metrics.", "curves.")) or path.name == "trees":
+        if path.name.startswith((run_folder.PREFIX, "." + run_folder.PREFIX, "metrics.", "trees.", "curves.")) or path.name == "trees":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
@@ -554,7 +528,8 @@ def run(cfg: Config, device: str, out: Path, checkpoint: Path | None, argv: list
     if checkpoint:  # after every model is built: building the tiny model reseeds torch
         run_state = load_trainer_state(checkpoint, optimizer)
         first_step = run_state["step"]
-        records = run_folder.trim_metrics(out, run_state["metrics_records"])  # later records: moved aside
+        records = run_folder.trim_records(out / "metrics.jsonl", run_state["metrics_records"])  # later ones: aside
+        run_folder.trim_records(out / "trees.jsonl", first_step)
         if records < run_state["metrics_records"]:
             tqdm.write(file=sys.stderr, s=f"note: metrics.jsonl held {records} of the {run_state['metrics_records']} records "
                        f"{checkpoint.name} was saved after")
@@ -646,6 +621,10 @@ def run_step(model, ref_model, tokenizer, optimizer, problems, step: int, cfg: C
     metrics, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)
     if cfg.show_tree_every and step % cfg.show_tree_every == 0:
         show_tree(roots[0], tokenizer, step, cfg)
+    if cfg.save_trees:
+        with open(Path(cfg.out) / "trees.jsonl", "a") as file:
+            file.write(json.dumps({"step": step, "trees": [tree_record(root, problem)
+                                                           for root, problem in zip(roots, problems)]}) + "\n")
     if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
         start = time.perf_counter()
         metrics |= evaluate(model, tokenizer, eval_problems, cfg, device)

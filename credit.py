@@ -1,0 +1,142 @@
+"""The credit, made visible: what advantage does each method give an answer's opening, by what the
+opening already says? Reads the trees that `train_gsm8k.py --save-trees` wrote.
+
+On the two-step problems (`--data steps`: a first result, then the answer), each opening is
+classified by the numbers in its text:
+    right intermediate   it holds the first step's correct result (e.g. "4 + 3 = 7" for 4 + 3 + 2)
+    final answer         it holds the final answer without the intermediate
+    wrong number         it holds a number that is neither, nor one of the question's
+    no result yet        only the question's numbers, or none
+TreeRPO's opening is a depth-1 segment, trained with its own advantage (the sibling comparison of
+what followed it). GRPO's opening is the first --segment-tokens tokens of an answer, trained with
+the answer's advantage. If tree credit works, openings with the right intermediate get a clearly
+positive advantage in TreeRPO before the final answer is reliable. Problems whose intermediate or
+final answer also appears in the question are left out (the class would be ambiguous).
+
+    python credit.py --model out/smollm2 --segment-tokens 12 out/credit/treerpo-s0 out/credit/grpo16-s0
+    python credit.py --model out/smollm2 --show 2 out/credit/treerpo-s0      # two trees, as format_tree draws them
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from reward import intermediate_result, numbers_in, reference_answer
+from treerpo import TreeNode, format_tree
+
+CLASSES = ("right intermediate", "final answer", "wrong number", "no result yet")
+PHASES = ((1, 5), (6, 10), (11, 15), (16, 20))
+
+
+def opening_class(text: str, question: str, intermediate: str, final: str) -> str:
+    numbers = set(numbers_in(text))
+    if intermediate in numbers:
+        return "right intermediate"
+    if final in numbers:
+        return "final answer"
+    return "wrong number" if numbers - set(numbers_in(question)) else "no result yet"
+
+
+def rebuild(record: dict) -> TreeNode:
+    """A tree of `train_gsm8k.tree_record` as TreeNodes (root first)."""
+    built = []
+    for node in record["nodes"]:
+        parent = built[node["parent"]] if node["parent"] >= 0 else None
+        tree_node = TreeNode(tokens=node["tokens"], parent=parent, depth=parent.depth + 1 if parent else 0,
+                             finished=node["finished"], reward=node["reward"], value=node["value"],
+                             advantage=node["advantage"])
+        if parent:
+            parent.children.append(tree_node)
+        built.append(tree_node)
+    return built[0]
+
+
+def two_step(record: dict) -> tuple[str, str] | None:
+    """(intermediate, final) of a two-step problem whose classes are unambiguous, else None."""
+    intermediate, final = intermediate_result(record["answer"]), reference_answer(record["answer"])
+    question_numbers = set(numbers_in(record["question"]))
+    if intermediate is None or intermediate in question_numbers or final in question_numbers or intermediate == final:
+        return None
+    return intermediate, final
+
+
+def openings(run: Path, tokenizer, segment_tokens: int):
+    """(step, class, advantage or None) for every opening of every unambiguous two-step tree."""
+    for line in (run / "trees.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for tree in record["trees"]:
+            known = two_step(tree)
+            if known is None:
+                continue
+            root = rebuild(tree)
+            for child in root.children:
+                tokens = child.tokens[:segment_tokens]  # a GRPO answer: its first L tokens; a tree: the segment
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                yield record["step"], opening_class(text, tree["question"], *known), child.advantage
+
+
+def credit_table(run: Path, tokenizer, segment_tokens: int) -> dict:
+    """{class: {phase: (mean advantage over trained openings, trained, all)}}."""
+    cells = {name: {phase: [] for phase in PHASES} for name in CLASSES}
+    for step, name, advantage in openings(run, tokenizer, segment_tokens):
+        for phase in PHASES:
+            if phase[0] <= step <= phase[1]:
+                cells[name][phase].append(advantage)
+    table = {}
+    for name, by_phase in cells.items():
+        table[name] = {}
+        for phase, advantages in by_phase.items():
+            trained = [advantage for advantage in advantages if advantage is not None]
+            mean = sum(trained) / len(trained) if trained else None
+            table[name][phase] = (mean, len(trained), len(advantages))
+    return table
+
+
+def markdown(run: Path, table: dict) -> str:
+    header = "| opening | " + " | ".join(f"steps {low}-{high}" for low, high in PHASES) + " |"
+    lines = [f"{run}: mean advantage of the opening (trained openings / all)", "", header,
+             "|" + " --- |" * (len(PHASES) + 1)]
+    for name, by_phase in table.items():
+        cells = [f"{mean:+.2f} ({trained}/{count})" if mean is not None else f"- (0/{count})"
+                 for mean, trained, count in by_phase.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def show_trees(run: Path, tokenizer, count: int) -> str:
+    """The first `count` two-step trees, after step 5, whose openings got different advantages."""
+    shown = []
+    for line in (run / "trees.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for tree in record["trees"]:
+            root = rebuild(tree)
+            advantages = {child.advantage for child in root.children}
+            if record["step"] > 5 and two_step(tree) and len(advantages) > 1 and None not in advantages:
+                shown.append(f"step {record['step']}: {tree['question']} (answer {reference_answer(tree['answer'])})\n"
+                             + format_tree(root, tokenizer, width=44))
+            if len(shown) == count:
+                return "\n\n".join(shown)
+    return "\n\n".join(shown)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="--out folders of runs made with --save-trees")
+    parser.add_argument("--model", required=True, help="the model folder (for its tokenizer)")
+    parser.add_argument("--segment-tokens", type=int, default=12, help="a GRPO answer's opening, in tokens")
+    parser.add_argument("--show", type=int, default=0, help="instead: draw this many trees of the first run")
+    args = parser.parse_args()
+    missing = [run for run in args.runs if not (Path(run) / "trees.jsonl").is_file()]
+    if missing:
+        raise SystemExit(f"no trees.jsonl in {', '.join(missing)}: run train_gsm8k.py with --save-trees")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if args.show:
+        print(show_trees(Path(args.runs[0]), tokenizer, args.show))
+        return
+    for run in args.runs:
+        print(markdown(Path(run), credit_table(Path(run), tokenizer, args.segment_tokens)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
