@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from reward import gsm8k_reward, word_problems
+from reward import SYSTEM_PROMPTS, gsm8k_reward, word_problems
 from run_folder import json_record
-from train_gsm8k import BRIEF_SYSTEM_PROMPT, Config, evaluate
+from train_gsm8k import Config, evaluate
 
 STEPS, PROMPTS_PER_STEP, ANSWERS, SEGMENT_TOKENS, DEPTH = 20, 8, 8, 16, 3  # the recipe: answers of 3 x 16 tokens
 
@@ -62,11 +62,11 @@ def main():
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     problems = recipe_order(args.seed)
-    dataset = Dataset.from_list([{"prompt": [{"role": "system", "content": BRIEF_SYSTEM_PROMPT},
+    dataset = Dataset.from_list([{"prompt": [{"role": "system", "content": SYSTEM_PROMPTS["brief"]},
                                              {"role": "user", "content": problem["question"]}],
                                   "answer": problem["answer"]} for problem in problems])
     evaluation = Config(model=args.model, data="easy", depth=DEPTH, segment_tokens=SEGMENT_TOKENS, eval_size=100,
-                        eval_batch_size=50, system_prompt=BRIEF_SYSTEM_PROMPT)
+                        eval_batch_size=50, system_prompt="brief")
     eval_problems = word_problems("easy", "test")[:evaluation.eval_size]
     seen = []  # the questions of each step, as the reward function sees them
 

@@ -22,7 +22,8 @@ import json
 from pathlib import Path
 
 from reward import intermediate_result, numbers_in, reference_answer
-from treerpo import TreeNode, format_tree
+from pictures import format_tree
+from treerpo import TreeNode
 
 CLASSES = ("right intermediate", "final answer", "wrong number", "no result yet")
 PHASES = ((1, 5), (6, 10), (11, 15), (16, 20))

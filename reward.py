@@ -77,6 +77,27 @@ def _canonical(numbers: list[str]) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# The prompts the demo asks with: the format they ask for is what strict scoring accepts
+
+SYSTEM_PROMPTS = {  # --system-prompt takes one of these names, or any text
+    "demo": "Solve the math problem step by step. Give the final answer as a number in \\boxed{}, for example \\boxed{42}.",
+    # the CPU recipe's (README "Does it learn?"): a 135M model's answer then fits in 48 tokens
+    "brief": "Solve the math problem. Be brief: write one line of working, then the final answer as \\boxed{number}.",
+    # the credit experiment's (docs/credit.md): one line per step, so that a two-step answer spans segments
+    "lines": ("Solve the math problem with one equation per line, then write the final answer as \\boxed{number}.\n"
+              "Example question: Tom has 2 apples, gets 3 more on Monday and 4 more on Tuesday. How many apples does "
+              "Tom have now?\nExample answer:\n2 + 3 = 5\n5 + 4 = 9\n\\boxed{9}"),
+}
+
+
+def chat_prompt(tokenizer, question: str, system_prompt: str = "demo") -> str:
+    """The question in the model's chat template, after a system message: a SYSTEM_PROMPTS name or any text."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPTS.get(system_prompt, system_prompt)},
+                {"role": "user", "content": question}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # Generated word problems in GSM8K's format (`--data easy`, `--data steps`), with numbers small
 # enough that a 135M model solves some of them, so that RL has a signal on a CPU. Each set is fixed
 # by its own seed, not a run's --seed: every run trains on the same problems and is scored on the

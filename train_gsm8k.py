@@ -34,23 +34,12 @@ from tqdm import tqdm
 
 import run_folder
 import treepo
-from reward import PROBLEM_SETS, gsm8k_reward, reference_answer, word_problems
-from treerpo import NORMS, assign_advantages, backward_loss, format_tree, leaves, nodes, response_tokens, sample_trees
+from reward import PROBLEM_SETS, SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, reference_answer, word_problems
+from pictures import format_tree
+from treerpo import NORMS, assign_advantages, backward_loss, leaves, nodes, response_tokens, sample_trees
 
 METHODS = ("treerpo", "grpo", "treepo")
 LOSS_ROWS = {"auto": None, "packed": True, "leaf-paths": False}  # --loss-rows -> backward_loss(packed=...)
-SYSTEM_PROMPTS = {  # --system-prompt takes one of these names, or any text
-    "demo": "Solve the math problem step by step. Give the final answer as a number in \\boxed{}, for example \\boxed{42}.",
-    # the CPU recipe's (README "Does it learn?"): a 135M model's answer then fits in 48 tokens
-    "brief": "Solve the math problem. Be brief: write one line of working, then the final answer as \\boxed{number}.",
-    # the credit experiment's (docs/credit.md): one line per step, so that a two-step answer spans segments
-    "lines": ("Solve the math problem with one equation per line, then write the final answer as \\boxed{number}.\n"
-              "Example question: Tom has 2 apples, gets 3 more on Monday and 4 more on Tuesday. How many apples does "
-              "Tom have now?\nExample answer:\n2 + 3 = 5\n5 + 4 = 9\n\\boxed{9}"),
-}
-SYSTEM_PROMPT, BRIEF_SYSTEM_PROMPT = SYSTEM_PROMPTS["demo"], SYSTEM_PROMPTS["brief"]
-
-
 def knob(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -197,7 +186,7 @@ def load_model_and_tokenizer(cfg: Config, checkpoint: str | None = None):
     away); compute runs in bf16 under autocast on CUDA. `checkpoint`: a saved run to load instead.
     With --lora-rank the model comes back wrapped in LoRA adapters, the only trainable weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tiny import byte_tokenizer, tiny_model
+    from tiny import byte_tokenizer, tiny_model  # offline stand-ins, only for --model tiny
     tokenizer = byte_tokenizer() if cfg.model == "tiny" else hub_load(AutoTokenizer, cfg.model, "the tokenizer of")
     full_checkpoint = checkpoint if not cfg.lora_rank else None  # a LoRA checkpoint holds only the adapters
     if full_checkpoint:
@@ -241,13 +230,6 @@ def adapters_off(peft_model):
         with peft_model.disable_adapter():
             return peft_model(*args, **kwargs)
     return forward
-
-
-def chat_prompt(tokenizer, question: str, system_prompt: str = "demo") -> str:
-    """The question in the model's chat template, after a system message: a SYSTEM_PROMPTS name or any text."""
-    messages = [{"role": "system", "content": SYSTEM_PROMPTS.get(system_prompt, system_prompt)},
-                {"role": "user", "content": question}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def pick_device(cfg: Config) -> str:

@@ -30,7 +30,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from treerpo import (SampledLogprobs, TreeNode, _check_lengths, _check_rows, _check_sampling_args, _special_ids,
-                     add_children, cache_argument, encode_prompts, format_tree, generate_settings, leaves, nodes, pad_rows,
+                     add_children, cache_argument, encode_prompts, generate_settings, leaves, nodes, pad_rows,
                      path_from_root, response_tokens, reward_of)
 
 
@@ -121,7 +121,7 @@ def grow_budgeted(model, starts, *, width, divergence, pad_id, stop_rule, fallba
         parents = [frontier[row] for row in rows.tolist()]
 
         recorder = SampledLogprobs(logprob_temperature) if logprob_temperature else None
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model.generate, cache),
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model, cache),
                              logits_processor=LogitsProcessorList([recorder] if recorder else []),
                              return_dict_in_generate=True, **generation)
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W)
@@ -259,16 +259,3 @@ def _weighted_copy(node: TreeNode, parent: TreeNode | None) -> TreeNode:
                     advantage=None if parent is None else sum(leaf.advantage for leaf in below) / len(below))
     copy.children = [_weighted_copy(child, copy) for child in node.children]
     return copy
-
-
-def format_budgeted_tree(root: BudgetedNode, tokenizer, width: int = 40) -> str:
-    """`treerpo.format_tree` of a TreePO tree, with what TreePO adds: why each leaf stopped
-    (EOS, depth, repetition), fallback branches, and each leaf's advantage. Inner nodes have no
-    advantage of their own in TreePO: they show their value only."""
-    lines = format_tree(root, tokenizer, width, show=("reward", "value")).split("\n")
-    for number, node in enumerate(nodes(root)):  # format_tree prints the nodes in this order
-        marks = [node.stop if node.stop != "eos" else ""] if not node.children else []
-        marks += ["fallback"] if node.fallback else []
-        marks += [f"A={node.advantage:+.2f}"] if node.advantage is not None else []
-        lines[number] += "".join("  " + mark for mark in marks if mark)
-    return "\n".join(lines)

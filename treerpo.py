@@ -15,7 +15,8 @@ nodes are segments of at most L generated tokens; every node gets N fresh contin
 3. Advantage: the N siblings under one parent form a group, like GRPO's G answers to one prompt:
    A = (V - mean) / std over the group. Groups whose values span less than tau are dropped.
 4. Loss (`backward_loss`): each kept node's segment is trained with PPO-clip, every token weighted
-   by its node's A; a segment shared by many leaves counts once.
+   by its node's A; a segment shared by many leaves counts once. By default each tree is packed
+   into one row under a tree attention mask, so every token is also forwarded once.
 
 With depth=1 the tree is N independent answers to the prompt and TreeRPO is exactly GRPO.
 Works with any Hugging Face causal LM whose `generate` takes a `DynamicCache`.
@@ -62,64 +63,12 @@ def leaves(root: TreeNode) -> list[TreeNode]:
 
 def path_from_root(node: TreeNode) -> list[TreeNode]:
     """The generated nodes from the root down to `node`: [depth-1 node, ..., node]."""
-    path = []
-    while node.parent is not None:
-        path.append(node)
-        node = node.parent
-    return path[::-1]
+    return path_from_root(node.parent) + [node] if node.parent is not None else []
 
 
 def response_tokens(node: TreeNode) -> list[int]:
     """The tokens generated from the prompt down to `node`: its ancestors' segments, then its own."""
     return [token for step in path_from_root(node) for token in step.tokens]
-
-
-def format_tree(root: TreeNode, tokenizer, width: int = 40,
-                show: tuple[str, ...] = ("reward", "value", "group", "advantage")) -> str:
-    """The tree as indented text, one line per node: depth, the segment's text (cut at `width`
-    characters, newlines shown as ⏎), EOS for a finished node, then the `show`n fields that are
-    set: r = reward (leaves), V = value, group = mean and std of a parent's children's values,
-    A = advantage, or `pruned` for the nodes of a dropped group. The root shows the prompt's end.
-
-        prompt (12 tokens) …"What is 2+3?"  V=0.50  group: mean 0.50 std 0.71
-        ├─ d1 "2+3 is 5"  V=1.00  A=+0.71
-        └─ d1 "I think 6"  V=0.00  A=-0.71
-    """
-    text = _preview(tokenizer.decode(root.tokens), width, keep_end=True)
-    lines = [f"prompt ({len(root.tokens)} tokens) {text}{_fields(root, show)}"]
-    return "\n".join(lines + _branch_lines(root, tokenizer, width, show, indent=""))
-
-
-def _branch_lines(node, tokenizer, width, show, indent) -> list[str]:
-    lines = []
-    for i, child in enumerate(node.children):
-        last = i == len(node.children) - 1
-        text = _preview(tokenizer.decode(child.tokens), width)
-        lines.append(f"{indent}{'└─' if last else '├─'} d{child.depth} {text}{_fields(child, show)}")
-        lines += _branch_lines(child, tokenizer, width, show, indent + ("   " if last else "│  "))
-    return lines
-
-
-def _preview(text: str, width: int, keep_end: bool = False) -> str:
-    """Quoted, one line: newlines as ⏎, other control characters escaped, cut to `width`."""
-    text = "".join("⏎" if char == "\n" else char if char.isprintable() else repr(char)[1:-1] for char in text)
-    if len(text) > width:
-        text = "…" + text[-width + 1:] if keep_end else text[:width - 1] + "…"
-    return f'"{text}"'
-
-
-def _fields(node: TreeNode, show) -> str:
-    fields = ["EOS"] if node.finished else []
-    if "reward" in show and not node.children and node.reward is not None:
-        fields.append(f"r={node.reward:g}")
-    if "value" in show and node.value is not None:
-        fields.append(f"V={node.value:.2f}")
-    if "group" in show and len(node.children) > 1 and node.children[0].value is not None:
-        mean, std = mean_and_std([child.value for child in node.children])
-        fields.append(f"group: mean {mean:.2f} std {std:.2f}")
-    if "advantage" in show and node.parent is not None and node.value is not None:
-        fields.append("pruned" if node.advantage is None else f"A={node.advantage:+.2f}")
-    return "".join("  " + field for field in fields)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,9 +85,8 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
         ends in EOS. Segments are at most `segment_tokens` long; only EOS ends one early.
     return_logprobs: record, per segment token, log p under softmax(logits / temperature), the
         distribution sampled from when top_p = 1. `backward_loss` uses the same definition.
-    max_rows: refuse trees whose last level could need more rows (prompts x branch ** depth),
-        before anything is allocated: each row holds a KV cache.
-    Sampling runs under no_grad in eval mode; the model's train/eval mode is restored afterwards.
+    max_rows: refuse, before anything is allocated, a last level that could need more rows (prompts
+        x branch ** depth), each with its KV cache. Runs under no_grad in eval mode (mode restored).
     """
     _check_sampling_args(prompts, temperature, top_p, do_sample, branch=branch, depth=depth, segment_tokens=segment_tokens)
     _check_rows(len(prompts) * branch ** depth, max_rows, f"{len(prompts)} prompts x branch {branch} ** depth {depth}")
@@ -159,23 +107,21 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
     return roots
 
 
-# A model's generation_config may carry settings that change the distribution `generate` samples
-# from (the recorded log-probs would then not be the sampled ones) or the rows it returns. The
-# common ones are overridden (`generate_settings`); any of these set away from its neutral value
-# (or None) is refused.
+# generation_config settings that would change the distribution `generate` samples from (the
+# recorded log-probs would not be the sampled ones) or the rows it returns. The common ones are
+# overridden (`generate_settings`); any of these, set away from its neutral value or None, is refused.
 REFUSED_GENERATION = dict(
-    min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None, no_repeat_ngram_size=0,
+    min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None, no_repeat_ngram_size=0, min_length=0,
     encoder_no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, bad_words_ids=None, force_words_ids=None,
-    suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None,
-    forced_eos_token_id=None, forced_decoder_ids=None, exponential_decay_length_penalty=None,
-    renormalize_logits=False, min_length=0, min_new_tokens=0, num_beams=1, num_beam_groups=1, diversity_penalty=0.0,
-    num_return_sequences=1, penalty_alpha=None, dola_layers=None, guidance_scale=1.0, watermarking_config=None,
-    stop_strings=None, max_time=None, prompt_lookup_num_tokens=None, cache_implementation=None)
+    suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None, num_beams=1,
+    forced_eos_token_id=None, forced_decoder_ids=None, exponential_decay_length_penalty=None, renormalize_logits=False,
+    min_new_tokens=0, num_beam_groups=1, diversity_penalty=0.0, num_return_sequences=1, penalty_alpha=None,
+    dola_layers=None, guidance_scale=1.0, watermarking_config=None, stop_strings=None, max_time=None,
+    prompt_lookup_num_tokens=None, cache_implementation=None)
 
 
 def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample) -> dict:
-    """The keyword arguments of every `generate` call: L new tokens, sampled from
-    softmax(logits / temperature) (top_p if given), whatever the model's generation_config says."""
+    """`generate`'s keyword arguments: L tokens from softmax(logits / temperature) (top_p if < 1)."""
     for name, neutral in REFUSED_GENERATION.items():
         value = getattr(model.generation_config, name, None)
         if value is not None and value != neutral:
@@ -188,7 +134,7 @@ def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p
     return generation
 
 
-def _check_rows(rows: int, max_rows: int, what: str):
+def _check_rows(rows: int, max_rows: int, what: str):  # before anything is allocated
     _check_count("max_rows", max_rows)
     if rows > max_rows:
         raise ValueError(f"{what} = {rows:,} rows in the last level, over max_rows={max_rows:,} (each row holds a "
@@ -198,11 +144,9 @@ def _check_rows(rows: int, max_rows: int, what: str):
 @torch.no_grad()
 def grow_trees(model, roots, input_ids, attention_mask, *, branch, depth, eos_ids, logprob_temperature,
                **generation):
-    """Add `depth` levels of children under `roots`, level by level, in place.
-
-    input_ids, attention_mask: (B, P), the left-padded prompts of `roots`. generation: the keyword
-    arguments of `generate`. logprob_temperature: record log-probs at this temperature, or None.
-    """
+    """Add `depth` levels of children under `roots`, level by level, in place. input_ids,
+    attention_mask: (B, P), the left-padded prompts. generation: `generate`'s keyword arguments.
+    logprob_temperature: record log-probs at this temperature, or None."""
     frontier = roots  # the nodes whose children the next level samples, one row each
     cache = encode_prompts(model, input_ids, attention_mask)
     for level in range(1, depth + 1):
@@ -213,7 +157,7 @@ def grow_trees(model, roots, input_ids, attention_mask, *, branch, depth, eos_id
         parents = [node for node in frontier for _ in range(branch)]
 
         recorder = SampledLogprobs(logprob_temperature) if logprob_temperature else None
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model.generate, cache),
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model, cache),
                              logits_processor=LogitsProcessorList([recorder] if recorder else []),
                              return_dict_in_generate=True, **generation)
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W), W < L only if every row hit EOS
@@ -233,32 +177,25 @@ def grow_trees(model, roots, input_ids, attention_mask, *, branch, depth, eos_id
 
 def encode_prompts(model, input_ids, attention_mask) -> DynamicCache:
     """Prefill a cache with every prompt token but the last.  input_ids, attention_mask: (B, P).
-
-    `generate` encodes only the part of `input_ids` that the cache has not seen, so each level
-    feeds just the newest token. The last prompt token is left to `generate` because it needs
-    that token's logits to draw the first new token.
-    """
+    `generate` encodes only what the cache has not seen, so each level feeds just the newest token;
+    the last prompt token is left to `generate`, which needs its logits to draw the first new one."""
     cache = DynamicCache(config=model.config)
     if input_ids.shape[1] > 1:
         # logits_to_keep=1: skip the (B, P, vocab) logits nobody reads (GBs for a 151k vocabulary).
         model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids(attention_mask[:, :-1]),
-              **cache_argument(model.forward, cache), use_cache=True, logits_to_keep=1)
+              **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
     return cache
 
 
-def cache_argument(function, cache) -> dict:
-    """The keyword under which a model's `forward` or `generate` takes a KV cache: `cache` from
-    transformers 5.24 on (where `past_key_values` is deprecated), `past_key_values` before."""
-    return {"cache" if "cache" in inspect.signature(function).parameters else "past_key_values": cache}
+def cache_argument(model, cache) -> dict:
+    """How `forward` and `generate` take a KV cache: `cache` from transformers 5.24, else `past_key_values`."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 class SampledLogprobs(LogitsProcessor):
-    """Records log p(drawn token) under softmax(logits / temperature) while `generate` runs.
-
-    A logits processor sees a step's logits before the token is drawn and the drawn token at the
-    next call, so it holds one (rows, vocab) step at a time, where `output_logits=True` would keep
-    every step (GBs for Qwen's 151k vocabulary).
-    """
+    """Records log p(drawn token) under softmax(logits / temperature) while `generate` runs. It sees
+    a step's logits before the token is drawn and the token at the next call, so it holds one
+    (rows, vocab) step at a time, where `output_logits=True` keeps all (GBs for a 151k vocabulary)."""
 
     def __init__(self, temperature: float):
         self.temperature = temperature
@@ -281,11 +218,9 @@ class SampledLogprobs(LogitsProcessor):
 
 
 def add_children(parents, new_tokens, logprobs, eos_ids, segment_tokens) -> list[TreeNode]:
-    """Attach row r of `new_tokens` (rows, W) as a child of parents[r]; returns the children.
-
-    A segment runs up to and including its first EOS (the EOS is trained on: it is the model's
-    decision to stop). Whatever follows the EOS is generate's padding and is dropped here.
-    """
+    """Attach row r of `new_tokens` (rows, W) as a child of parents[r]; returns the children. A
+    segment runs up to and including its first EOS (trained on: it is the model's decision to
+    stop); what follows is generate's padding and is dropped."""
     children = []
     for row, parent in enumerate(parents):
         tokens = new_tokens[row].tolist()
@@ -322,27 +257,23 @@ def _check_count(name, number):
 
 def _special_ids(model, tokenizer) -> tuple[int, set[int]]:
     """(pad id, EOS ids). EOS: the tokenizer's and the model's generation_config's (Qwen has two).
-
-    Without a pad token the EOS pads: that is safe here because a segment is cut at its first
-    EOS and finished rows never continue, so no pad is ever read as a token.
-    """
+    Without a pad token the EOS pads: safe, as segments are cut at their first EOS and finished rows
+    never continue, so no pad is ever read as a token."""
     eos_ids = set()
     for eos in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         if eos is not None:
             eos_ids.update([eos] if isinstance(eos, int) else eos)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        if tokenizer.eos_token_id is None and not eos_ids:
-            raise ValueError("the tokenizer has neither a pad token nor an EOS token; "
-                             "set one, e.g. tokenizer.pad_token = tokenizer.eos_token")
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos_ids)
-    return pad_id, eos_ids
+    if tokenizer.pad_token_id is None and not eos_ids:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token; "
+                         "set one, e.g. tokenizer.pad_token = tokenizer.eos_token")
+    fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos_ids, default=None)
+    return (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback), eos_ids
 
 
 def _check_lengths(model, prompt_ids, response_tokens_max):
-    for i, ids in enumerate(prompt_ids):
-        if not ids:
-            raise ValueError(f"prompt {i} encodes to no tokens: every prompt needs at least one")
+    if not all(prompt_ids):
+        raise ValueError(f"prompt {[bool(ids) for ids in prompt_ids].index(False)} encodes to no tokens: "
+                         "every prompt needs at least one")
     context = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(ids) for ids in prompt_ids)
     if context is not None and longest + response_tokens_max > context:
@@ -372,7 +303,7 @@ def position_ids(attention_mask):
 
 
 def assign_advantages(root: TreeNode, *, norm: str = "std", tau: float = 0.1, eps: float = 1e-6) -> None:
-    """Fill `value` and `advantage` of every node under `root` (SPEC §2-3). Leaf rewards must be set.
+    """Fill `value` and `advantage` of every node under `root`. Leaf rewards must be set.
 
     value:     V(leaf) = reward;  V(node) = mean of V(child) over its children (no discount)
     advantage: for each group S of siblings, A(v) = group_advantages(S)[v], or None for every
@@ -382,18 +313,15 @@ def assign_advantages(root: TreeNode, *, norm: str = "std", tau: float = 0.1, ep
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     _assign_values(root)
     root.advantage = None  # the root has no siblings
-    for parent in nodes(root):
-        group = parent.children
-        if not group:
-            continue
+    for group in [node.children for node in nodes(root) if node.children]:
         values = [child.value for child in group]
         if max(values) - min(values) < tau:
             advantages = [None] * len(group)
         else:
             advantages = group_advantages(values, norm=norm, eps=eps)
             if not all(map(math.isfinite, advantages)):  # e.g. rewards near 1e308 overflow the mean
-                raise ValueError(f"the children of a depth-{parent.depth} node have values {values} and non-finite "
-                                 "advantages: rewards this large overflow; scale them down")
+                raise ValueError(f"the children of a depth-{group[0].depth - 1} node have values {values} and "
+                                 "non-finite advantages: rewards this large overflow; scale them down")
         for child, advantage in zip(group, advantages):
             child.advantage = advantage
 
@@ -449,80 +377,60 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 # 4. The loss: PPO-clip on every kept node's tokens, each node counted once
 #
-# The loss forwards the trees as rows of tokens, laid out one of two ways, with the same loss and
-# gradient. Leaf paths (`leaf_path_rows`): one row per leaf, the prompt and the path's segments
-# under the usual causal mask; any attention works, but a prefix is forwarded once per leaf below
-# it. Packed (`packed_rows`, the default): whole trees one after another in a row, each segment
-# once, under a tree attention mask that lets a token see only its own path:
+# The trees go to the model as rows of tokens, laid out one of two ways with the same loss and
+# gradient. Leaf paths (`leaf_path_rows`): a row per leaf under the usual causal mask; any attention
+# works, but a shared prefix is forwarded once per leaf below it. Packed (`packed_rows`, the
+# default): a tree per row, each segment once, under a tree mask that shows a token its own path:
 #
-#     row:       [ prompt | a | aa | ab | b | ba ]      a token of ab sees the prompt, a and the
-#     positions:   0 .. P-1  P..  P+L.. P+L.. P.. P+L..   ab before it, never aa or b; its positions
-#                                                       go on from a's, as if the path stood alone
+#     row:        [ prompt | a | aa | ab | b | ba ]      a token of ab sees the prompt, a and ab up
+#     positions:    0..P-1  P..  P+L.. P+L.. P..  P+L..   to itself, never aa or b, at the positions
+#                                                       it would have if its path stood alone
 
 
 def leaf_path_rows(root: TreeNode) -> list[dict]:
-    """One row per leaf: the prompt and the path's segments (keys as `training_row`). A node is
-    counted in the row of the first leaf below it, so a segment shared by several leaves counts
-    once. A row ends after its last counted node (later tokens cannot change earlier log-probs),
-    and a row with nothing counted is left out."""
+    """A row per leaf: the prompt and the path (keys as `training_row`). Each node counts in the
+    row of the first leaf below it; a row with nothing counted is left out."""
     rows, seen = [], set()
     for leaf in leaves(root):
         path = path_from_root(leaf)
         counted = {node for node in path if node not in seen and node.advantage is not None}
         seen.update(path)
         if counted:
-            rows.append(training_row(_through_last_counted([root] + path, counted), counted))
+            rows.append(training_row([root] + path, counted))
     return rows
 
 
 def packed_rows(root: TreeNode, max_tokens: int) -> list[dict]:
-    """The tree in as few rows of at most `max_tokens` tokens as it takes (keys as `training_row`),
-    each segment counted in exactly one row.
-
-    The nodes with something counted at or below them go in depth-first into the current row. A
-    node that does not fit starts a new row, which repeats the prompt and the node's ancestors as
-    uncounted context. A row holds at least one node, so a single path longer than `max_tokens`
-    makes a longer row. Trees never share a row: attention cost grows with the square of a row's
-    length, and another tree's tokens would only be masked out.
-    """
-    groups, members, counted, size = [], [root], set(), len(root.tokens)
+    """The tree in rows of at most `max_tokens` tokens (keys as `training_row`), each segment
+    counted in exactly one. The nodes with something counted at or below go in depth-first; one
+    that does not fit starts a new row that repeats its prompt and ancestors as uncounted context
+    (a row holds at least one node). Trees never share a row: attention costs the square of a
+    row's length, and another tree's tokens would only be masked out."""
+    groups, members, counted = [], [root], set()
     for node in nodes(root)[1:]:
         if not any(below.advantage is not None for below in nodes(node)):
             continue  # nothing to train here or below: not forwarded
-        if len(members) > 1 and size + len(node.tokens) > max_tokens:  # full: a new row, the path as context
+        if len(members) > 1 and sum(len(member.tokens) for member in members) + len(node.tokens) > max_tokens:
             groups.append((members, counted))
-            members, counted = [root] + path_from_root(node)[:-1], set()
-            size = _token_count(members)
+            members, counted = [root] + path_from_root(node)[:-1], set()  # the path so far, as context
         members.append(node)
-        size += len(node.tokens)
         if node.advantage is not None:
             counted.add(node)
     groups.append((members, counted))
-    return [training_row(_through_last_counted(members, counted), counted) for members, counted in groups if counted]
-
-
-def _token_count(some_nodes) -> int:
-    return sum(len(node.tokens) for node in some_nodes)
-
-
-def _through_last_counted(members: list[TreeNode], counted: set) -> list[TreeNode]:
-    """`members` up to its last counted node: tokens after it cannot change what is trained."""
-    ends = [slot for slot, node in enumerate(members) if node in counted]
-    return members[:ends[-1] + 1] if ends else []
+    return [training_row(members, counted) for members, counted in groups if counted]
 
 
 def training_row(members: list[TreeNode], counted: set) -> dict:
-    """One row for the loss: the segments of `members` one after another (each node after its
-    parent; a root is a prompt), trained where the node is in `counted`. Lists, one entry a token:
-      tokens; advantages, the node's A (0 where not trained); weights, the node's weight where
-      trained, else 0; old_logprobs, the sampling-time log-probs (NaN where not recorded);
-      positions, the token's position on its own path; previous, the index of the token before it
-      on its path, whose logits predict it (-1 for a prompt's first token).
-    And the tree mask in two parts, `slots` (the member of each token) and `sees` (members x
-    members, a sees b when b is a or one of a's ancestors), which `tree_mask` expands to (T, T).
-    """
+    """One row for the loss: the segments of `members` (a root first, each node after its parent)
+    one after another up to the last node in `counted` (later tokens cannot change earlier
+    log-probs), trained where the node is in `counted`. Per token: tokens; advantages and
+    weights (the node's; 0 where not trained); old_logprobs (NaN where not recorded); positions (on
+    its own path); previous (the index of the token before it on its path, whose logits predict
+    it; -1 for a prompt's first). And the members, and the tree mask in two parts that `tree_mask`
+    expands: slots (each token's member) and sees (members x members: a sees b, b a or its ancestor)."""
     row = {key: [] for key in ("tokens", "advantages", "weights", "old_logprobs", "positions", "previous", "slots")}
-    last = {}  # each member's last token index
+    members = members[:max(slot for slot, node in enumerate(members) if node in counted) + 1]
+    row["members"], last = members, {}  # last: each member's last token index
     for slot, node in enumerate(members):
         start, length, trained = len(row["tokens"]), len(node.tokens), node in counted
         before = last.get(node.parent)  # None for a prompt
@@ -537,11 +445,9 @@ def training_row(members: list[TreeNode], counted: set) -> dict:
         last[node] = start + length - 1
     slot_of = {node: slot for slot, node in enumerate(members)}
     row["sees"] = torch.zeros(len(members), len(members), dtype=torch.bool)
-    for node in members:
-        step = node
-        while step is not None:  # every ancestor of a member is a member
+    for node in members:  # every ancestor of a member is a member
+        for step in [members[0], *path_from_root(node)]:
             row["sees"][slot_of[node], slot_of[step]] = True
-            step = step.parent
     return row
 
 
@@ -583,8 +489,7 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None
         loss = -min(r A, clip(r, 1 - eps, 1 + eps) A) + kl_coef * (exp(ref - logp) - (ref - logp) - 1)
     """
     ratio = torch.exp(logprobs - old_logprobs)
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
-    loss = -surrogate
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
     kl = torch.zeros_like(logprobs)
     if ref_logprobs is not None:
         log_ratio = ref_logprobs - logprobs
@@ -597,19 +502,16 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None
 def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: float = 0.0, clip_eps: float = 0.2,
                   temperature: float = 1.0, packed: bool | None = None, max_row_tokens: int = 4096,
                   micro_batch_size: int = 8) -> tuple[float, dict]:
-    """Compute the TreeRPO loss over scored trees and back-propagate it; the caller steps the optimizer.
+    """The TreeRPO loss over scored trees, back-propagated; the caller steps the optimizer.
+    Returns (the loss value, a dict of stats).
 
-    The loss is the weighted mean over every counted token of the batch. It is computed and
-    back-propagated forward by forward (each part scaled by its share of the tokens), so that
-    memory holds one forward's activations, not the whole batch's. Old log-probs are the
-    recorded sampling-time ones; where none were recorded the update is taken as on-policy
-    (ratio 1, plain policy gradient). Returns the loss value and a dict of stats.
-
-    packed: True packs each tree into rows of at most `max_row_tokens` tokens under a tree mask
-        (`packed_rows`, one row a forward; each segment forwarded once), which needs an attention
-        that takes a custom 4D mask ("sdpa" or "eager"). False trains one row per leaf path
-        (`leaf_path_rows`), `micro_batch_size` rows a forward, with any attention. None (default):
-        packed where the model's attention allows it, else leaf paths.
+    The loss is the weighted mean over every counted token of the batch, back-propagated forward
+    by forward (each part scaled by its share of the tokens), so memory holds one forward's
+    activations. Old log-probs are the recorded ones; where none were recorded the update is
+    on-policy (ratio 1: plain policy gradient).
+    packed: True trains `packed_rows` (rows of at most `max_row_tokens` tokens under a tree mask,
+        one a forward), which needs an attention that takes a 4D mask ("sdpa", "eager"); False
+        trains `leaf_path_rows`, `micro_batch_size` a forward, any attention; None: packed if it can.
     """
     _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens)
     packed = _can_pack(model, packed)
@@ -632,10 +534,8 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
         inputs = (batch["input_ids"], batch["attention_mask"], temperature, columns, batch["previous"][columns],
                   batch["positions"])
         logprobs = token_logprobs(model, *inputs)  # (rows, K)
-        ref_logprobs = None
-        if kl_coef:
-            with torch.no_grad():
-                ref_logprobs = token_logprobs(ref_model, *inputs)
+        with torch.no_grad():
+            ref_logprobs = token_logprobs(ref_model, *inputs) if kl_coef else None
         old_logprobs = batch["old_logprobs"][:, columns]
         old_logprobs = torch.where(old_logprobs.isnan(), logprobs.detach(), old_logprobs)
         loss_sum, sums = ppo_clip_loss(logprobs, old_logprobs, batch["advantages"][:, columns],
@@ -649,11 +549,10 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
 
 
 def collate(rows: list[dict], model, packed: bool) -> dict:
-    """Rows of `training_row` as tensors on the model's device: input_ids, attention_mask,
-    positions, advantages, weights, old_logprobs (rows, T), and previous (T,), the column that
-    predicts each. Leaf paths are right-padded and share one `previous` (t - 1); padding is never
-    trained, whatever token fills it. A packed row (one a batch) brings its own positions,
-    predecessors and tree mask."""
+    """Rows of `training_row` as tensors on the model's device: input_ids, attention_mask, positions,
+    advantages, weights, old_logprobs (rows, T), and previous (T,), the column predicting each. Leaf
+    paths are right-padded (padding is never trained) and share previous = t - 1; a packed row (one
+    a batch) brings its own positions, predecessors and tree mask."""
     input_ids, attention_mask = pad_rows([row["tokens"] for row in rows], pad_id=0, side="right")
     width = input_ids.shape[1]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": position_ids(attention_mask),
@@ -668,15 +567,13 @@ def collate(rows: list[dict], model, packed: bool) -> dict:
 
 
 def _mask_4d(sees, model):
-    """A (T, T) "may attend" matrix as the (1, 1, T, T) mask the attention uses as given:
-    boolean for sdpa, 0 / -inf-like floats added to the scores for eager."""
+    """(T, T) "may attend" as the (1, 1, T, T) mask the attention takes: bool (sdpa), 0 / -inf (eager)."""
     if model.config._attn_implementation == "sdpa":
         return sees[None, None]
     return torch.zeros(sees.shape).masked_fill(~sees, torch.finfo(torch.float32).min)[None, None]
 
 
 def _can_pack(model, packed) -> bool:
-    """Whether to pack: as asked, or (None) wherever the attention takes a custom 4D mask."""
     attention = model.config._attn_implementation
     if packed and attention not in ("sdpa", "eager"):
         raise ValueError("packed=True needs an attention that takes a custom 4D mask: load the model with "
@@ -687,14 +584,13 @@ def _can_pack(model, packed) -> bool:
 def _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens):
     if not isinstance(trees, (list, tuple)) or not all(isinstance(root, TreeNode) for root in trees):
         raise ValueError(f"trees must be a list of TreeNode roots, got {type(trees).__name__}")
-    unscored = [i for i, root in enumerate(trees) if root.value is None]
-    if unscored:  # else its loss would be 0 with 0 tokens, indistinguishable from "everything pruned"
-        raise ValueError(f"tree {unscored[0]} has no values or advantages: call assign_advantages(root) first")
     for i, root in enumerate(trees):
-        for node in nodes(root)[1:]:
-            if node.advantage is not None and not math.isfinite(node.advantage):
-                raise ValueError(f"a depth-{node.depth} node of tree {i} has advantage {node.advantage}: "
-                                 "advantages must be finite (or None: not trained)")
+        if root.value is None:  # else its loss would be 0 with 0 tokens, indistinguishable from "all pruned"
+            raise ValueError(f"tree {i} has no values or advantages: call assign_advantages(root) first")
+        bad = [node for node in nodes(root)[1:] if node.advantage is not None and not math.isfinite(node.advantage)]
+        if bad:
+            raise ValueError(f"a depth-{bad[0].depth} node of tree {i} has advantage {bad[0].advantage}: "
+                             "advantages must be finite (or None: not trained)")
     if kl_coef and ref_model is None:
         raise ValueError("kl_coef > 0 needs ref_model, the frozen starting model")
     if not temperature > 0:
