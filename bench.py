@@ -10,12 +10,16 @@ Ideal (a)/(c) from token counts: sum_d N^d L / (N^D D L).
     python bench.py                 # CPU: tiny and Qwen-size (151,936) vocabularies, N=2 and N=4, D=3
     python bench.py --quick         # seconds; CI runs it
     python bench.py --device cuda --model qwen2.5-0.5b   # GPU: Qwen2.5-0.5B's config, random weights
-    python bench.py --model out/smollm2 --prompts 4      # a real model folder (tiny.py --export-smollm2)
+    python bench.py --model out/smollm2 --prompts 4      # a real model folder (smollm2.py)
+    python bench.py --model out/smollm2 --loss-rows      # the loss step: leaf paths vs packed rows, recipe shapes
+    python bench.py --model qwen2.5-0.5b --loss-memory   # its peak memory at the demo's default tree
+    python bench.py --model out/smollm2 --profile-sampling   # where one level of generate spends its time
 
 The last line printed is one JSON object with every figure.
 """
 
 import argparse
+import functools
 import json
 import statistics
 import threading
@@ -38,7 +42,7 @@ QWEN_VOCAB = 151_936
 
 def make_model(name: str, vocab_size: int, device: str):
     """'tiny': hidden 64, 2 layers. 'qwen2.5-0.5b': Qwen2.5-0.5B's config (494M), random weights.
-    Anything else: a local model folder (e.g. `python tiny.py --export-smollm2 out/smollm2`)."""
+    Anything else: a local model folder (e.g. `python smollm2.py out/smollm2`)."""
     if name == "tiny":
         return tiny_model(vocab_size, init_std=0.02).to(device)
     if name != "qwen2.5-0.5b":
@@ -275,6 +279,118 @@ def bench_lora(name, tokenizer, vocab_size, device, *, prompts, rank=16):
     return figures
 
 
+# ----------------------------------------------------------------------------------------------
+# The loss step's layouts, and where sampling spends its time
+
+
+def synthetic_tree(prompt_tokens, branch, depth, segment_tokens, vocab_size, generator):
+    """A full tree of random tokens with random 0/1 leaf rewards, every group kept (tau 0): the loss
+    step's cost depends on the tree's shape, not on what the tokens say."""
+    random_tokens = lambda count: torch.randint(vocab_size, (count,), generator=generator).tolist()  # noqa: E731
+    root = TreeNode(tokens=random_tokens(prompt_tokens))
+    frontier = [root]
+    for level in range(1, depth + 1):
+        frontier = [child for parent in frontier for child in
+                    [TreeNode(tokens=random_tokens(segment_tokens), parent=parent, depth=level) for _ in range(branch)]]
+        for child in frontier:
+            child.parent.children.append(child)
+    for leaf in leaves(root):
+        leaf.reward = float(torch.randint(0, 2, (1,), generator=generator))
+    assign_advantages(root, tau=0.0)
+    return root
+
+
+# The CPU recipe's trees (README "Does it learn?"): 8 questions of ~60 prompt tokens a step.
+RECIPE_SHAPES = {"grpo, 8 answers of 40 tokens": (8, 1, 40), "treerpo, N=2 D=3 L=16": (2, 3, 16)}
+
+
+def bench_loss_rows(model, device, repeats, row_limits=(256, 512, 1024, 4096)):
+    """The loss step (forward + backward) on the recipe's trees: leaf-path rows (16 a forward, as the
+    recipe's --micro-batch-size) against packed rows of at most each of `row_limits` tokens."""
+    generator = torch.Generator().manual_seed(0)
+    figures = {}
+    for name, shape in RECIPE_SHAPES.items():
+        roots = [synthetic_tree(60, *shape, model.config.vocab_size, generator) for _ in range(8)]
+        layouts = {"leaf paths": dict(packed=False, micro_batch_size=16)}
+        layouts |= {f"packed, rows <= {limit}": dict(packed=True, max_row_tokens=limit) for limit in row_limits}
+        figures[name] = {}
+        for layout, kwargs in layouts.items():
+            def step():
+                model.zero_grad(set_to_none=True)
+                return backward_loss(model, roots, **kwargs)[1]
+            timing, stats = measure(step, model, device, repeats)
+            figures[name][layout] = {**timing, "forwards": stats["forwards"], "positions_forwarded": stats["positions"]}
+        leaf_seconds = figures[name]["leaf paths"]["seconds"]
+        for numbers in figures[name].values():
+            numbers["over_leaf_paths"] = numbers["seconds"] / leaf_seconds
+    return figures
+
+
+def bench_loss_memory(model, device, prompt_tokens=100, branch=4, depth=3, segment_tokens=128):
+    """Peak memory of one loss step (forward + backward, no optimizer) on one tree of the demo's
+    default shape (N=4, D=3, L=128: 84 segments, 64 leaves): leaf paths, 8 a forward (the demo's
+    --micro-batch-size), against packed rows of at most 2048 and 4096 tokens."""
+    root = synthetic_tree(prompt_tokens, branch, depth, segment_tokens, model.config.vocab_size,
+                          torch.Generator().manual_seed(0))
+    figures = {}
+    layouts = {"leaf paths": dict(packed=False, micro_batch_size=8)}
+    layouts |= {f"packed, rows <= {limit}": dict(packed=True, max_row_tokens=limit) for limit in (2048, 4096)}
+    for layout, kwargs in layouts.items():
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        with PeakMemory(device) as memory:
+            stats = backward_loss(model, [root], **kwargs)[1]
+        figures[layout] = {"peak_mb": memory.peak_mb, "seconds": time.perf_counter() - start,
+                           "forwards": stats["forwards"], "positions_forwarded": stats["positions"],
+                           "counted_tokens": stats["tokens"]}
+        model.zero_grad(set_to_none=True)
+    return figures
+
+
+def bench_sampling_profile(model, tokenizer, prompts, repeats):
+    """One step's sampling at the recipe's size (8 questions: GRPO's 8 answers of 48 tokens, and
+    TreeRPO's N=2, D=3, L=16), split into the model's forward passes, the KV-cache copies that
+    branch the tree, and the rest of `generate` (drawing each token, stopping, bookkeeping)."""
+    from transformers import DynamicCache
+    timers = {}
+
+    def timed(name, function):
+        @functools.wraps(function)  # the same signature: treerpo.cache_argument reads it
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timers[name] = timers.get(name, 0.0) + time.perf_counter() - start
+        return wrapper
+    forward, generate = model.forward, model.generate
+    model.forward, model.generate = timed("forward", forward), timed("generate", generate)
+    copies = {name: getattr(DynamicCache, name) for name in ("batch_repeat_interleave", "batch_select_indices")}
+    for name, method in copies.items():
+        setattr(DynamicCache, name, timed("cache copies", method))
+    figures = {}
+    try:
+        for name, shape in {"grpo, 8 answers of 48 tokens": (8, 1, 48), "treerpo, N=2 D=3 L=16": (2, 3, 16)}.items():
+            runs = []
+            for _ in range(repeats):
+                timers.clear()
+                torch.manual_seed(0)
+                start = time.perf_counter()
+                roots = sample_trees(model, tokenizer, prompts, branch=shape[0], depth=shape[1], segment_tokens=shape[2],
+                                     temperature=0.7)
+                total = time.perf_counter() - start
+                runs.append({"total_s": total, "forward_s": timers["forward"], "tokens": tree_tokens(roots),
+                             "cache_copies_s": timers.get("cache copies", 0.0)})
+            figures[name] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            numbers = figures[name]
+            numbers["generate_other_s"] = numbers["total_s"] - numbers["forward_s"] - numbers["cache_copies_s"]
+    finally:
+        model.forward, model.generate = forward, generate
+        for name, method in copies.items():
+            setattr(DynamicCache, name, method)
+    return figures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small trees and one repeat: seconds")
@@ -288,6 +404,12 @@ def main():
                         help="instead: memory of full fine-tuning vs LoRA rank 16, one training step")
     parser.add_argument("--methods", action="store_true",
                         help="instead: GRPO, TreeRPO and TreePO sampling at the same leaf budget (N=2, D=3)")
+    parser.add_argument("--loss-rows", action="store_true",
+                        help="instead: the loss step on the CPU recipe's trees, leaf paths vs packed rows")
+    parser.add_argument("--loss-memory", action="store_true",
+                        help="instead: peak memory of the loss step at the demo's default tree (N=4, D=3, L=128)")
+    parser.add_argument("--profile-sampling", action="store_true",
+                        help="instead: where a step's sampling spends its time, at the CPU recipe's size")
     args = parser.parse_args()
 
     if args.model in ("tiny", "qwen2.5-0.5b"):
@@ -309,6 +431,32 @@ def main():
                   f"{numbers['gradients_mb']:.0f}, AdamW {numbers['adamw_mb']:.0f}, reference {numbers['reference_mb']:.0f})"
                   f"  trainable {numbers['trainable']:,}  step peak {numbers['step_peak_mb']:.0f} MB", flush=True)
         print(json.dumps({"model": args.model, "device": args.device, "lora": figures}))
+        return
+    if args.loss_rows or args.loss_memory:
+        model = make_model(args.model, vocabularies[0], args.device).train()
+        if args.loss_rows:
+            figures = bench_loss_rows(model, args.device, repeats)
+        else:
+            figures = bench_loss_memory(model, args.device)
+        for name, layouts in (figures.items() if args.loss_rows else [("demo tree", figures)]):
+            for layout, numbers in layouts.items():
+                print(f"{name:28} {layout:20} {numbers['seconds']:7.2f} s  peak {numbers['peak_mb']:7.0f} MB  "
+                      f"{numbers['forwards']:3} forwards  {numbers['positions_forwarded']:6} positions"
+                      + (f"  {numbers['over_leaf_paths']:.2f}x leaf paths" if "over_leaf_paths" in numbers else ""),
+                      flush=True)
+        print(json.dumps({"model": args.model, "device": args.device, "threads": torch.get_num_threads(),
+                          "loss_rows" if args.loss_rows else "loss_memory": figures}))
+        return
+    if args.profile_sampling:
+        from reward import chat_prompt, word_problems
+        model = make_model(args.model, vocabularies[0], args.device)
+        prompts = [chat_prompt(tokenizer, problem["question"], "brief") for problem in word_problems("easy", "train")[:8]]
+        figures = bench_sampling_profile(model, tokenizer, prompts, repeats)
+        for name, numbers in figures.items():
+            print(f"{name:30} {numbers['total_s']:6.2f} s: model forward {numbers['forward_s'] / numbers['total_s']:.0%}, "
+                  f"cache copies {numbers['cache_copies_s'] / numbers['total_s']:.1%}, the rest of generate "
+                  f"{numbers['generate_other_s'] / numbers['total_s']:.0%}; {numbers['tokens']} tokens", flush=True)
+        print(json.dumps({"model": args.model, "threads": torch.get_num_threads(), "sampling_profile": figures}))
         return
     if args.methods:
         prompts = [chat(tokenizer, prompt) for prompt in prompts]

@@ -278,7 +278,7 @@ def test_readme_learning_commands_are_the_recipe(tmp_path, monkeypatch):
     valid command line of the CPU recipe (the brief prompt, --data easy), one per method."""
     import subprocess
     import train_gsm8k
-    section = Path(__file__).with_name("README.md").read_text().split("## Does it learn?")[1]
+    section = (Path(__file__).parent / "docs" / "learning.md").read_text()
     commands = section.split("```bash\n")[1].split("```")[0]
     catch = 'python() { if [ "$1" = train_gsm8k.py ]; then shift; printf "%s\\0" "$@"; echo; fi; }\n'
     printed = subprocess.run(["bash", "-c", catch + commands], capture_output=True, text=True, check=True).stdout
@@ -1034,7 +1034,9 @@ def test_a_missing_real_model_names_the_pip_packages(monkeypatch, tmp_path):
 def test_ci_installs_the_readmes_cpu_route():
     here = Path(__file__).parent
     readme = (here / "README.md").read_text()
-    cpu_route = readme.split("## Install")[1].split("```bash\n")[1].split("```")[0].strip().splitlines()
+    block = readme.split("## Install")[1].split("```bash\n")[1].split("```")[0].strip().splitlines()
+    assert block[0].startswith("python3 -m venv")
+    cpu_route = [line.split("#")[0].strip() for line in block[1:]]  # the commands, without their comments
     ci = (here / ".ci" / "run").read_text()
     assert cpu_route[0].startswith("pip install torch==") and "--index-url" in cpu_route[0]
     for line in cpu_route:
@@ -1058,15 +1060,24 @@ def test_plot_renders_curves_of_two_runs(tmp_path):
 
 
 def test_curve_points_run_totals_of_tokens_and_seconds():
-    import train_gsm8k
+    import plots
     records = [{"step": 0, "eval_lenient": 0.2},
                {"step": 1, "tokens_generated": 100, "sample_s": 2.0, "loss_and_update_s": 1.0},
                {"step": 2, "tokens_generated": 50, "sample_s": 1.5, "loss_and_update_s": 0.5, "eval_lenient": 0.4,
                 "eval_s": 9.0}]
-    assert train_gsm8k.curve_points(records, "eval_lenient", "step") == [(0, 0.2), (2, 0.4)]
-    assert train_gsm8k.curve_points(records, "eval_lenient", "tokens") == [(0, 0.2), (150, 0.4)]
-    assert train_gsm8k.curve_points(records, "eval_lenient", "seconds") == [(0.0, 0.2), (5.0, 0.4)]  # no eval_s
-    assert train_gsm8k.curve_points(records, "step_s", "step") == [(1, 3.0), (2, 2.0)]
+    assert plots.curve_points(records, "eval_lenient", "step") == [(0, 0.2), (2, 0.4)]
+    assert plots.curve_points(records, "eval_lenient", "tokens") == [(0, 0.2), (150, 0.4)]
+    assert plots.curve_points(records, "eval_lenient", "seconds") == [(0.0, 0.2), (5.0, 0.4)]  # no eval_s
+    assert plots.curve_points(records, "step_s", "step") == [(1, 3.0), (2, 2.0)]
+
+
+def test_runs_are_labelled_by_method_and_seed(tmp_path):
+    import json
+    import plots
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "run.json").write_text(json.dumps({"method": "grpo", "width": 8, "seed": 2, "tau": 0.0}))
+    assert plots.run_label(tmp_path / "a") == ("GRPO G=8 tau=0", 2)
+    assert plots.run_label(tmp_path / "treerpo-s1") == ("treerpo", 1) and plots.run_label(tmp_path / "x") == ("x", None)
 
 
 def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):

@@ -352,7 +352,8 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str) -
             lenient += checked_score(gsm8k_reward(text, problem["answer"]), text)
             length += len(answer.tokens)
     n = len(problems)
-    return {"eval_strict": strict / n, "eval_lenient": lenient / n, "eval_response_tokens": length / n}
+    return {"eval_strict": strict / n, "eval_lenient": lenient / n, "eval_response_tokens": length / n,
+            "eval_questions": n}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,55 +419,6 @@ def show_tree(root, tokenizer, step: int, cfg: Config):
     (folder / f"step_{step}.txt").write_text(text)
 
 
-# (y, x, title): x is the step, or what the run had spent by then: tokens generated, seconds trained
-CURVES = [("eval_lenient", "step", "held-out Pass@1, lenient"),
-          ("eval_lenient", "tokens", "held-out Pass@1, lenient, vs tokens generated"),
-          ("eval_lenient", "seconds", "held-out Pass@1, lenient, vs seconds trained"),
-          ("eval_strict", "step", "held-out Pass@1, strict"),
-          ("eval_response_tokens", "step", "held-out mean response tokens"),
-          ("reward", "step", "training reward (fraction of correct leaves)"),
-          ("response_tokens", "step", "training mean response tokens (leaves)"),
-          ("tokens_generated", "step", "tokens generated per step"),
-          ("step_s", "step", "seconds per step (sampling + update)")]
-
-
-def curve_points(records: list[dict], y: str, x: str) -> list[tuple[float, float]]:
-    """(x, y) for every record that has `y`. x "tokens" and "seconds" are running totals up to and
-    including that step: tokens_generated, and sample_s + loss_and_update_s (evaluation not counted)."""
-    points, tokens, seconds = [], 0, 0.0
-    for record in records:
-        step_s = record.get("sample_s", 0.0) + record.get("loss_and_update_s", 0.0)
-        tokens, seconds = tokens + record.get("tokens_generated", 0), seconds + step_s
-        record = {**record, "step_s": step_s} if "sample_s" in record else record
-        if y in record:
-            points.append(({"step": record["step"], "tokens": tokens, "seconds": seconds}[x], record[y]))
-    return points
-
-
-def plot(out_dirs: list[str]) -> Path:
-    """Training curves of one or more runs (e.g. TreeRPO and GRPO) into <first out dir>/curves.png."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only, no window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib, an optional dependency: pip install matplotlib")
-    figure, axes = plt.subplots(3, 3, figsize=(15, 11))
-    for out_dir in out_dirs:
-        records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-        for axis, (y, x, title) in zip(axes.flat, CURVES):
-            points = curve_points(records, y, x)
-            if points:
-                axis.plot(*zip(*points), marker=".", label=Path(out_dir).name)
-            axis.set_title(title, fontsize=10)
-            axis.set_xlabel({"step": "step", "tokens": "tokens generated", "seconds": "seconds"}[x])
-    axes.flat[0].legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(out_dirs[0]) / "curves.png"
-    figure.savefig(path, dpi=60)
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
 
@@ -490,7 +442,8 @@ def train(cfg: Config, argv: list[str] = ()) -> dict | None:
 def clear_run(out: Path):
     """--overwrite: delete what a run writes into its folder (nothing else)."""
     for path in out.iterdir():
-        if path.name.startswith((run_folder.PREFIX, "." + run_folder.PREFIX, "metrics.", "trees.", "curves.")) or path.name == "trees":
+        if path.name.startswith((run_folder.PREFIX, "." + run_folder.PREFIX, "metrics.", "trees.", "curves.", "run.json")) \
+                or path.name == "trees":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
@@ -516,6 +469,7 @@ def run(cfg: Config, device: str, out: Path, checkpoint: Path | None, argv: list
             tqdm.write(file=sys.stderr, s=f"note: metrics.jsonl held {records} of the {run_state['metrics_records']} records "
                        f"{checkpoint.name} was saved after")
 
+    (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))  # what this run is (plots.py reads it)
     started, watch, record = time.perf_counter(), RunWatch(), None
     with open(out / "metrics.jsonl", "a") as metrics_file, run_folder.GracefulStop() as stop:
         def log(record):
@@ -725,7 +679,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, plot_dirs = parse_args(argv)
     if plot_dirs:
-        print(f"wrote {plot(plot_dirs)}")
+        import plots
+        print(f"wrote {plots.plot(plot_dirs)}")
         return
     try:
         train(cfg, argv)
