@@ -36,6 +36,18 @@ def curve_points(records: list[dict], y: str, x: str) -> list[tuple[float, float
     return points
 
 
+def read_records(path: Path) -> list[dict]:
+    """The complete records of a metrics.jsonl; a line cut short (a run still writing, or killed
+    mid-line) is left out, not a crash."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def run_label(out_dir: Path) -> tuple[str, int | None]:
     """(method, seed) of a run: from its run.json (train_gsm8k.py and bench_trl.py write one), else
     from a folder name like "grpo8-s1"."""
@@ -68,7 +80,7 @@ def plot(out_dirs: list[str], path: Path | None = None) -> Path:
     figure, axes = plt.subplots(3, 3, figsize=(16, 11))
     questions = set()
     for out_dir, method, seed in runs:
-        records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        records = read_records(out_dir / "metrics.jsonl")
         questions |= {record["eval_questions"] for record in records if "eval_questions" in record}
         style = STYLES[seeds.index(seed) % len(STYLES)] if seed is not None else "-"
         for axis, (y, x, _, percent) in zip(axes.flat, PANELS):

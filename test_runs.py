@@ -230,6 +230,29 @@ def test_a_verifier_score_that_is_not_a_finite_number_is_refused(tmp_path, monke
     assert message.startswith("the verifier returned ") and shown in message and "for the response '" in message
 
 
+def test_overflowing_scores_and_diverged_weights_stop_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: 1e308 * (len(text) % 2))
+    message = one_line(run(tmp_path / "a", "--steps", "2"))
+    assert message.startswith("the advantages cannot be computed: ") and "rewards this large overflow" in message
+    original = train_gsm8k.sample
+
+    def diverged(model, *args):
+        with torch.no_grad():
+            model.lm_head.weight.fill_(math.nan)
+        return original(model, *args)
+    monkeypatch.setattr(train_gsm8k, "sample", diverged)
+    message = one_line(run(tmp_path / "b", "--steps", "2"))
+    assert message.startswith("sampling failed: the model's next-token probabilities are not finite")
+
+
+def test_a_cut_metrics_line_does_not_break_the_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plots
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_lenient": 0.5}\n{"step": 1, "rew')
+    assert plots.read_records(tmp_path / "metrics.jsonl") == [{"step": 0, "eval_lenient": 0.5}]
+    assert plots.plot([str(tmp_path)]).exists()
+
+
 def test_numpy_scores_are_numbers(tmp_path, monkeypatch):
     import numpy
     monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: numpy.float64(len(text) % 2))

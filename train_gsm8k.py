@@ -256,16 +256,25 @@ def sample_and_score(model, tokenizer, problems: list[dict], cfg: Config, device
     roots = []
     for start in tqdm(range(0, len(prompts), cfg.sample_batch_size), desc="sampling", leave=False):
         with autocast(device):
-            roots += sample(model, tokenizer, prompts[start:start + cfg.sample_batch_size], cfg)
+            try:
+                roots += sample(model, tokenizer, prompts[start:start + cfg.sample_batch_size], cfg)
+            except RuntimeError as error:  # torch.multinomial on NaN or infinite probabilities
+                if "inf" not in str(error) and "nan" not in str(error):
+                    raise
+                raise SystemExit(f"sampling failed: the model's next-token probabilities are not finite ({error}); "
+                                 "the weights have diverged: lower --lr (the last checkpoint holds finite weights)")
     for root, problem in zip(roots, problems):
         for leaf in leaves(root):
             text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
             leaf.reward = checked_score(gsm8k_reward(text, problem["answer"], strict=cfg.strict_reward), text)
-    if cfg.method == "treepo":
-        treepo.assign_treepo_advantages(roots)  # per leaf, whitened over the whole batch
-    else:
-        for root in roots:
-            assign_advantages(root, norm=cfg.norm, tau=cfg.tau)
+    try:
+        if cfg.method == "treepo":
+            treepo.assign_treepo_advantages(roots)  # per leaf, whitened over the whole batch
+        else:
+            for root in roots:
+                assign_advantages(root, norm=cfg.norm, tau=cfg.tau)
+    except ValueError as error:  # e.g. rewards so large that their mean overflows: say it in one line
+        raise SystemExit(f"the advantages cannot be computed: {error}")
     return roots
 
 
