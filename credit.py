@@ -11,9 +11,10 @@ TreeRPO's opening is a depth-1 segment, trained with its own advantage (the sibl
 what followed it). GRPO's opening is the first --segment-tokens tokens of an answer, trained with
 the answer's advantage. If tree credit works, openings with the right intermediate get a clearly
 positive advantage in TreeRPO before the final answer is reliable. Problems whose intermediate or
-final answer also appears in the question are left out (the class would be ambiguous).
+final answer also appears in the question are left out (the class would be ambiguous). The runs
+of one method (folders named <method>-s<seed>) are pooled.
 
-    python credit.py --model out/smollm2 --segment-tokens 12 out/credit/treerpo-s0 out/credit/grpo16-s0
+    python credit.py --model out/smollm2 --segment-tokens 12 out/credit/treerpo-s* out/credit/grpo16-s*
     python credit.py --model out/smollm2 --show 2 out/credit/treerpo-s0      # two trees, as format_tree draws them
 """
 
@@ -76,32 +77,40 @@ def openings(run: Path, tokenizer, segment_tokens: int):
                 yield record["step"], opening_class(text, tree["question"], *known), child.advantage
 
 
-def credit_table(run: Path, tokenizer, segment_tokens: int) -> dict:
-    """{class: {phase: (mean advantage over trained openings, trained, all)}}."""
-    cells = {name: {phase: [] for phase in PHASES} for name in CLASSES}
-    for step, name, advantage in openings(run, tokenizer, segment_tokens):
-        for phase in PHASES:
-            if phase[0] <= step <= phase[1]:
-                cells[name][phase].append(advantage)
+def credit_table(runs: list[Path], tokenizer, segment_tokens: int) -> dict:
+    """{class: {phase: (mean advantage over trained openings, trained, all)}} over the runs' openings;
+    phase "all" is every step."""
+    cells = {name: {phase: [] for phase in PHASES + ("all",)} for name in CLASSES}
+    for run in runs:
+        for step, name, advantage in openings(run, tokenizer, segment_tokens):
+            cells[name]["all"].append(advantage)
+            for phase in PHASES:
+                if phase[0] <= step <= phase[1]:
+                    cells[name][phase].append(advantage)
     table = {}
     for name, by_phase in cells.items():
         table[name] = {}
         for phase, advantages in by_phase.items():
             trained = [advantage for advantage in advantages if advantage is not None]
-            mean = sum(trained) / len(trained) if trained else None
-            table[name][phase] = (mean, len(trained), len(advantages))
+            table[name][phase] = (sum(trained) / len(trained) if trained else None, len(trained), len(advantages))
     return table
 
 
-def markdown(run: Path, table: dict) -> str:
-    header = "| opening | " + " | ".join(f"steps {low}-{high}" for low, high in PHASES) + " |"
-    lines = [f"{run}: mean advantage of the opening (trained openings / all)", "", header,
-             "|" + " --- |" * (len(PHASES) + 1)]
+def markdown(title: str, table: dict) -> str:
+    header = "| opening | " + " | ".join(f"steps {low}-{high}" for low, high in PHASES) + " | all steps |"
+    lines = [f"{title}: mean advantage of the opening (trained openings / all openings)", "", header,
+             "|" + " --- |" * (len(PHASES) + 2)]
     for name, by_phase in table.items():
         cells = [f"{mean:+.2f} ({trained}/{count})" if mean is not None else f"- (0/{count})"
                  for mean, trained, count in by_phase.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def method_of(run: Path) -> str:
+    """The method a run folder stands for: its name without the "-s<seed>" ending."""
+    name, _, seed = run.name.rpartition("-s")
+    return name if seed.isdigit() else run.name
 
 
 def show_trees(run: Path, tokenizer, count: int) -> str:
@@ -114,7 +123,7 @@ def show_trees(run: Path, tokenizer, count: int) -> str:
             advantages = {child.advantage for child in root.children}
             if record["step"] > 5 and two_step(tree) and len(advantages) > 1 and None not in advantages:
                 shown.append(f"step {record['step']}: {tree['question']} (answer {reference_answer(tree['answer'])})\n"
-                             + format_tree(root, tokenizer, width=44))
+                             + format_tree(root, tokenizer, width=44, show=("reward", "value", "advantage")))
             if len(shown) == count:
                 return "\n\n".join(shown)
     return "\n\n".join(shown)
@@ -135,8 +144,12 @@ def main():
     if args.show:
         print(show_trees(Path(args.runs[0]), tokenizer, args.show))
         return
-    for run in args.runs:
-        print(markdown(Path(run), credit_table(Path(run), tokenizer, args.segment_tokens)) + "\n")
+    methods = {}
+    for run in map(Path, args.runs):
+        methods.setdefault(method_of(run), []).append(run)
+    for method, runs in methods.items():  # the seeds of a method pooled
+        title = f"{method} ({', '.join(run.name for run in runs)})"
+        print(markdown(title, credit_table(runs, tokenizer, args.segment_tokens)) + "\n")
 
 
 if __name__ == "__main__":
