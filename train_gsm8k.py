@@ -401,6 +401,18 @@ def load_trainer_state(folder: Path, optimizer) -> dict:
     return run_state
 
 
+def resume_from(checkpoint: Path, optimizer, out: Path) -> tuple[int, int]:
+    """Restore the optimizer and RNG from `checkpoint`, and bring metrics.jsonl (and trees.jsonl) back
+    to what it had seen, moving later records aside. Returns (the step, the records kept)."""
+    run_state = load_trainer_state(checkpoint, optimizer)
+    records = run_folder.trim_records(out / "metrics.jsonl", run_state["metrics_records"])
+    run_folder.trim_records(out / "trees.jsonl", run_state["step"])
+    if records < run_state["metrics_records"]:
+        tqdm.write(f"note: metrics.jsonl held {records} of the {run_state['metrics_records']} records "
+                   f"{checkpoint.name} was saved after", file=sys.stderr)
+    return run_state["step"], records
+
+
 def resume_command(argv: list[str]) -> str:
     """The command that resumes a run: the one that started it (`argv`), with --resume."""
     return "python train_gsm8k.py " + shlex.join([arg for arg in argv if arg not in ("--resume", "--overwrite")] + ["--resume"])
@@ -468,15 +480,8 @@ def run(cfg: Config, device: str, out: Path, checkpoint: Path | None, argv: list
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ref_model = reference_model(cfg, model, device)
-    first_step, records = 0, 0
-    if checkpoint:  # after every model is built: building the tiny model reseeds torch
-        run_state = load_trainer_state(checkpoint, optimizer)
-        first_step = run_state["step"]
-        records = run_folder.trim_records(out / "metrics.jsonl", run_state["metrics_records"])  # later ones: aside
-        run_folder.trim_records(out / "trees.jsonl", first_step)
-        if records < run_state["metrics_records"]:
-            tqdm.write(file=sys.stderr, s=f"note: metrics.jsonl held {records} of the {run_state['metrics_records']} records "
-                       f"{checkpoint.name} was saved after")
+    # after every model is built (building the tiny model reseeds torch):
+    first_step, records = resume_from(checkpoint, optimizer, out) if checkpoint else (0, 0)
 
     (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))  # what this run is (plots.py reads it)
     started, watch, record = time.perf_counter(), RunWatch(), None
@@ -540,14 +545,16 @@ class RunWatch:
 
 def closing_line(cfg: Config, out: Path, first_step: int, seconds: float) -> str:
     """Where the results are, the held-out scores before and after, and the time taken."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [record for record in records if "eval_lenient" in record]
-    scores = " -> ".join(f"{record['eval_lenient']:.0%}" for record in (evaluated[0], evaluated[-1])) if evaluated else "-"
-    strict = " -> ".join(f"{record['eval_strict']:.0%}" for record in (evaluated[0], evaluated[-1])) if evaluated else "-"
-    checkpoint = sorted(out.glob(f"{run_folder.PREFIX}*"))
-    return (f"done: steps {first_step + 1 if first_step < cfg.steps else cfg.steps}-{cfg.steps} in {seconds / 60:.1f} min; "
-            f"held-out Pass@1 ({cfg.eval_size} questions) lenient {scores}, strict {strict}; "
-            f"metrics in {out / 'metrics.jsonl'}" + (f", checkpoint {checkpoint[-1]}" if checkpoint else ""))
+    evaluated = [record for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if "eval_lenient" in record]
+    scores = {kind: " -> ".join(f"{record[f'eval_{kind}']:.0%}" for record in (evaluated[0], evaluated[-1]))
+              for kind in ("lenient", "strict")}
+    done = f"steps {first_step + 1}-{cfg.steps}" if cfg.steps > first_step else "the evaluation only"
+    took = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    checkpoints = sorted(out.glob(f"{run_folder.PREFIX}*"))
+    return (f"done: {done} in {took}; held-out Pass@1 ({evaluated[-1]['eval_questions']} questions) lenient "
+            f"{scores['lenient']}, strict {scores['strict']}; metrics in {out / 'metrics.jsonl'}"
+            + (f", checkpoint {checkpoints[-1]}" if checkpoints else ""))
 
 
 def reference_model(cfg: Config, model, device: str):
