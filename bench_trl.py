@@ -7,6 +7,7 @@ per step), so the two can be compared run by run and plotted together with `trai
 
     pip install trl==1.16.0                                   # optional: only this script needs it
     python bench_trl.py --model out/smollm2 --seed 0 --out out/peer/trl-s0
+    python bench_trl.py --model out/smollm2 --check          # the same answers: same loss and gradient?
 
 Held equal with `train_gsm8k.py --method grpo --width 8` and the recipe's flags: the model folder,
 the `--data easy` train problems in the script's order (8 a step), the brief system prompt, 8
@@ -26,9 +27,10 @@ from pathlib import Path
 
 import torch
 
-from reward import SYSTEM_PROMPTS, gsm8k_reward, word_problems
+from reward import SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, word_problems
 from run_folder import json_record
 from train_gsm8k import Config, evaluate
+from treerpo import assign_advantages, backward_loss, leaves, pad_rows, sample_trees
 
 STEPS, PROMPTS_PER_STEP, ANSWERS, SEGMENT_TOKENS, DEPTH = 20, 8, 8, 16, 3  # the recipe: answers of 3 x 16 tokens
 
@@ -41,12 +43,81 @@ def recipe_order(seed: int) -> list[dict]:
     return problems[:STEPS * PROMPTS_PER_STEP]
 
 
+def trl_config(trl, **kwargs):
+    """TRL's GRPOConfig with the recipe's GRPO settings (the script's runs and --check share them)."""
+    settings = dict(use_cpu=True, report_to="none", num_generations=ANSWERS, max_completion_length=DEPTH * SEGMENT_TOKENS,
+                    temperature=0.7, top_p=1.0, top_k=0, learning_rate=1e-5, lr_scheduler_type="constant",
+                    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo",
+                    scale_rewards="group", num_iterations=1, epsilon=0.2, gradient_checkpointing=False, bf16=False)
+    return trl.GRPOConfig(**(settings | kwargs))
+
+
+def check(trl, model_dir: str):
+    """One step's 64 answers (8 recipe questions, seed 0), sampled by `sample_trees`; the loss and
+    gradient of `backward_loss` (with --tau 0, TRL's token count) against TRL's `_compute_loss` on
+    the same answers, in 16-answer micro-batches like the runs; then the same questions sampled
+    TRL's way (each prompt 8 times in one `generate`, its GenerationConfig) from the same seed."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    problems = recipe_order(0)[:PROMPTS_PER_STEP]
+    prompts = [chat_prompt(tokenizer, problem["question"], "brief") for problem in problems]
+    torch.manual_seed(0)
+    roots = sample_trees(model, tokenizer, prompts, branch=ANSWERS, depth=1, segment_tokens=DEPTH * SEGMENT_TOKENS,
+                         temperature=0.7)
+    for root, problem in zip(roots, problems):
+        for leaf in leaves(root):
+            leaf.reward = gsm8k_reward(tokenizer.decode(leaf.tokens, skip_special_tokens=True), problem["answer"])
+        assign_advantages(root, tau=0.0)
+    model.train()
+    loss, stats = backward_loss(model, roots, temperature=0.7)
+    ours = torch.cat([parameter.grad.flatten() for parameter in model.parameters()]).double()
+    model.zero_grad(set_to_none=True)
+
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": problem["question"]}]} for problem in problems])
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda prompts, completions, **_: [0.0] * len(prompts),
+                              args=trl_config(trl, output_dir="/tmp/bench_trl_check", per_device_train_batch_size=64,
+                                              gradient_accumulation_steps=1, steps_per_generation=1),
+                              train_dataset=dataset, processing_class=tokenizer)
+    trainer.current_gradient_accumulation_steps = 1  # set by its training loop, which is not run here
+    answers = [(root.tokens, child) for root in roots for child in root.children]
+    prompt_ids, prompt_mask = pad_rows([prompt for prompt, _ in answers], tokenizer.pad_token_id, side="left")
+    completion_ids, completion_mask = pad_rows([child.tokens for _, child in answers], tokenizer.pad_token_id, side="right")
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": torch.tensor([child.advantage for _, child in answers]),
+              "num_items_in_batch": completion_mask.sum(), "old_per_token_logps": None, "ref_per_token_logps": None}
+    trl_loss = 0.0
+    for start in range(0, len(answers), 16):
+        part = trainer._compute_loss(model, {key: value[start:start + 16] if torch.is_tensor(value) and value.dim()
+                                             else value for key, value in inputs.items()})
+        part.backward()
+        trl_loss += part.item()
+    theirs = torch.cat([parameter.grad.flatten() for parameter in model.parameters()]).double()
+    print(f"same 64 answers: loss {loss:.6f} here, {trl_loss:.6f} TRL; gradient norm {ours.norm():.6f} here, "
+          f"{theirs.norm():.6f} TRL; relative difference {(ours - theirs).norm() / ours.norm():.2e}; "
+          f"tokens {stats['tokens']} here, {int(completion_mask.sum())} TRL")
+
+    generation = GenerationConfig(max_new_tokens=DEPTH * SEGMENT_TOKENS, do_sample=True, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=[tokenizer.eos_token_id], temperature=0.7, top_p=1.0, top_k=0,
+                                  repetition_penalty=1.0)  # TRL's generation settings
+    repeated = [root.tokens for root in roots for _ in range(ANSWERS)]
+    input_ids, attention_mask = pad_rows(repeated, tokenizer.pad_token_id, side="left")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        drawn = model.eval().generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
+    drawn = drawn[:, input_ids.shape[1]:].tolist()
+    same = sum(row[:len(child.tokens)] == child.tokens for row, (_, child) in zip(drawn, answers))
+    print(f"sampled TRL's way from the same seed: {same} of {len(answers)} answers identical to sample_trees'")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a local model folder, e.g. out/smollm2")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="the run's folder (required unless --check)")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--check", action="store_true", help="instead: compare the loss, gradient and samples on one step")
     args = parser.parse_args()
     try:
         import trl
@@ -54,10 +125,15 @@ def main():
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     except ImportError:
         raise SystemExit("bench_trl.py needs TRL, an optional dependency: pip install trl==1.16.0")
+    if args.check:
+        return check(trl, args.model)
+    if not args.out:
+        parser.error("--out is required")
     out = Path(args.out)
     if (out / "metrics.jsonl").exists():
         raise SystemExit(f"{out / 'metrics.jsonl'} exists: pass another --out")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps({"method": f"TRL GRPOTrainer G={ANSWERS}", "seed": args.seed}))
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -74,14 +150,9 @@ def main():
         seen.append(sorted(set(prompt[-1]["content"] for prompt in prompts)))
         return [gsm8k_reward(completion[0]["content"], reference) for completion, reference in zip(completions, answer)]
 
-    config = trl.GRPOConfig(
-        output_dir=str(out / "trl"), seed=args.seed, max_steps=args.steps, use_cpu=True, report_to="none",
-        logging_steps=1, save_strategy="no", shuffle_dataset=False, dataloader_num_workers=0,
-        num_generations=ANSWERS, max_completion_length=DEPTH * SEGMENT_TOKENS, temperature=0.7, top_p=1.0, top_k=0,
-        per_device_train_batch_size=16, gradient_accumulation_steps=4,  # 64 answers = 8 questions an optimizer step
-        learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        beta=0.0, loss_type="dapo", scale_rewards="group", num_iterations=1, epsilon=0.2,
-        gradient_checkpointing=False, bf16=False)
+    config = trl_config(trl, output_dir=str(out / "trl"), seed=args.seed, max_steps=args.steps, logging_steps=1,
+                        save_strategy="no", shuffle_dataset=False, dataloader_num_workers=0,
+                        per_device_train_batch_size=16, gradient_accumulation_steps=4)  # 64 answers: 8 questions a step
 
     metrics = open(out / "metrics.jsonl", "w")
     generate_seconds = [0.0]
