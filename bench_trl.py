@@ -52,7 +52,7 @@ def trl_config(trl, **kwargs):
     return trl.GRPOConfig(**(settings | kwargs))
 
 
-def check(trl, model_dir: str):
+def check(trl, model_dir: str) -> dict:
     """One step's 64 answers (8 recipe questions, seed 0), sampled by `sample_trees`; the loss and
     gradient of `backward_loss` (with --tau 0, TRL's token count) against TRL's `_compute_loss` on
     the same answers, in 16-answer micro-batches like the runs; then the same questions sampled
@@ -94,9 +94,8 @@ def check(trl, model_dir: str):
         part.backward()
         trl_loss += part.item()
     theirs = torch.cat([parameter.grad.flatten() for parameter in model.parameters()]).double()
-    print(f"same 64 answers: loss {loss:.6f} here, {trl_loss:.6f} TRL; gradient norm {ours.norm():.6f} here, "
-          f"{theirs.norm():.6f} TRL; relative difference {(ours - theirs).norm() / ours.norm():.2e}; "
-          f"tokens {stats['tokens']} here, {int(completion_mask.sum())} TRL")
+    figures = {"loss": loss, "trl_loss": trl_loss, "grad_norm": ours.norm().item(), "trl_grad_norm": theirs.norm().item(),
+               "relative_difference": ((ours - theirs).norm() / ours.norm()).item(), "answers": len(answers)}
 
     generation = GenerationConfig(max_new_tokens=DEPTH * SEGMENT_TOKENS, do_sample=True, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=[tokenizer.eos_token_id], temperature=0.7, top_p=1.0, top_k=0,
@@ -107,8 +106,8 @@ def check(trl, model_dir: str):
     with torch.no_grad():
         drawn = model.eval().generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation)
     drawn = drawn[:, input_ids.shape[1]:].tolist()
-    same = sum(row[:len(child.tokens)] == child.tokens for row, (_, child) in zip(drawn, answers))
-    print(f"sampled TRL's way from the same seed: {same} of {len(answers)} answers identical to sample_trees'")
+    figures["same_answers"] = sum(row[:len(child.tokens)] == child.tokens for row, (_, child) in zip(drawn, answers))
+    return figures
 
 
 def main():
@@ -126,7 +125,12 @@ def main():
     except ImportError:
         raise SystemExit("bench_trl.py needs TRL, an optional dependency: pip install trl==1.16.0")
     if args.check:
-        return check(trl, args.model)
+        figures = check(trl, args.model)
+        print(f"same {figures['answers']} answers: loss {figures['loss']:.6f} here, {figures['trl_loss']:.6f} TRL; "
+              f"gradient norm {figures['grad_norm']:.6f} here, {figures['trl_grad_norm']:.6f} TRL, relative difference "
+              f"{figures['relative_difference']:.1e}. Sampled TRL's way from the same seed: {figures['same_answers']} of "
+              f"{figures['answers']} answers identical to sample_trees'")
+        return
     if not args.out:
         parser.error("--out is required")
     out = Path(args.out)

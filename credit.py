@@ -16,10 +16,12 @@ of one method (folders named <method>-s<seed>) are pooled.
 
     python credit.py --model out/smollm2 --segment-tokens 12 out/credit/treerpo-s* out/credit/grpo16-s*
     python credit.py --model out/smollm2 --show 2 out/credit/treerpo-s0      # two trees, as format_tree draws them
+    python credit.py --summary out/credit/*-s*          # accuracy, tokens, seconds, tree shape: each run, each method
 """
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 from reward import intermediate_result, numbers_in, reference_answer
@@ -129,13 +131,71 @@ def show_trees(run: Path, tokenizer, count: int) -> str:
     return "\n\n".join(shown)
 
 
+def run_summary(run: Path) -> dict:
+    """One run's figures from its metrics.jsonl and run.json: held-out accuracy at each evaluation,
+    and over its training steps the generated tokens, seconds, leaves a question and kept nodes."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [record for record in records if "sample_s" in record]
+    evaluations = [record for record in records if "eval_strict" in record]
+    questions = json.loads((run / "run.json").read_text())["prompts_per_step"]
+    return {"strict": [record["eval_strict"] for record in evaluations],
+            "lenient": [record["eval_lenient"] for record in evaluations],
+            "eval_steps": [record["step"] for record in evaluations], "steps": len(steps),
+            "eval_tokens": evaluations[-1]["eval_response_tokens"],
+            "tokens": sum(record["tokens_generated"] for record in steps),
+            "seconds": sum(record["sample_s"] + record["loss_and_update_s"] for record in steps),
+            "leaves_per_question": statistics.mean(record["leaves"] / questions for record in steps),
+            "kept_nodes": [record["kept_nodes"] for record in steps],
+            "response_tokens": statistics.mean(record["response_tokens"] for record in steps)}
+
+
+def summary_tables(runs: list[Path]) -> str:
+    """Markdown: a row per run, then per method the mean and spread (sd) over its seeds."""
+    def percent(values):
+        return " → ".join(f"{value:.1%}".replace(".0%", "%") for value in values)
+    lines = ["| run | held-out strict % by evaluation | lenient % | train tokens | training s | leaves a question "
+             "| kept nodes a step (min-max) | answer tokens (train mean, last eval) |", "|" + " --- |" * 8]
+    methods = {}
+    for run in runs:
+        figures = run_summary(run)
+        methods.setdefault(method_of(run), []).append(figures)
+        name = run.name if figures["eval_steps"][-1] == figures["steps"] else f"{run.name} (to step {figures['steps']})"
+        lines.append(f"| {name} | {percent(figures['strict'])} | {percent(figures['lenient'])} | "
+                     f"{figures['tokens']:,} | {figures['seconds']:,.0f} | {figures['leaves_per_question']:.1f} | "
+                     f"{statistics.mean(figures['kept_nodes']):.0f} ({min(figures['kept_nodes'])}-"
+                     f"{max(figures['kept_nodes'])}) | {figures['response_tokens']:.1f}, {figures['eval_tokens']:.1f} |")
+    lines += ["", "| method | seeds | final strict % | final lenient % | best strict % | train tokens | training s "
+              "| answer tokens, last eval |", "|" + " --- |" * 8]
+
+    def spread(values, scale=1.0, digits=1):
+        values = [value * scale for value in values]
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):,.{digits}f} ± {sd:,.{digits}f}"
+    for method, figures in methods.items():
+        lines.append(f"| {method} | {len(figures)} | {spread([f['strict'][-1] for f in figures], 100)} | "
+                     f"{spread([f['lenient'][-1] for f in figures], 100)} | "
+                     f"{spread([max(f['strict']) for f in figures], 100)} | "
+                     f"{spread([f['tokens'] for f in figures], digits=0)} | {spread([f['seconds'] for f in figures], digits=0)} | "
+                     f"{spread([f['eval_tokens'] for f in figures])} |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="--out folders of runs made with --save-trees")
-    parser.add_argument("--model", required=True, help="the model folder (for its tokenizer)")
+    parser.add_argument("--model", help="the model folder (for its tokenizer; not needed with --summary)")
     parser.add_argument("--segment-tokens", type=int, default=12, help="a GRPO answer's opening, in tokens")
     parser.add_argument("--show", type=int, default=0, help="instead: draw this many trees of the first run")
+    parser.add_argument("--summary", action="store_true", help="instead: each run's and each method's figures")
     args = parser.parse_args()
+    if args.summary:
+        missing = [run for run in args.runs if not (Path(run) / "metrics.jsonl").is_file()]
+        if missing:
+            raise SystemExit(f"no metrics.jsonl in {', '.join(missing)}: pass train_gsm8k.py --out folders")
+        print(summary_tables([Path(run) for run in args.runs]))
+        return
+    if not args.model:
+        parser.error("--model is required (its tokenizer reads the trees)")
     missing = [run for run in args.runs if not (Path(run) / "trees.jsonl").is_file()]
     if missing:
         raise SystemExit(f"no trees.jsonl in {', '.join(missing)}: run train_gsm8k.py with --save-trees")

@@ -164,3 +164,14 @@ def test_treerpo_learns_easy_problems_in_a_few_steps(model_dir):
     after = reward_now()
     print(f"reward on the four problems: {before:.3f} -> {after:.3f}")  # shown with pytest -s
     assert after >= before + 0.2, f"reward on the four problems: {before:.3f} -> {after:.3f}"
+
+
+def test_this_grpo_computes_what_trls_does(model_dir):
+    """The peer check (bench_trl.py --check): on one step's 64 answers, backward_loss (tau 0) and TRL's
+    GRPOTrainer give the same loss and gradient, and TRL's sampling draws the same answers."""
+    trl = pytest.importorskip("trl")
+    import bench_trl
+    figures = bench_trl.check(trl, model_dir)
+    assert figures["loss"] == pytest.approx(figures["trl_loss"], abs=1e-6)
+    assert figures["relative_difference"] < 1e-4 and figures["grad_norm"] > 0.1
+    assert figures["same_answers"] == figures["answers"] == 64

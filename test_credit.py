@@ -1,0 +1,42 @@
+"""credit.py, the credit experiment's reader: the opening classes by hand, and the run summary
+against the records it summarises (a --smoke run, tiny model, seconds)."""
+
+import json
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+
+import credit
+import train_gsm8k
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Tom has 4 + 3 = 7 apples.", "right intermediate"),   # the first step's result
+    ("He has 4 + 3 + 2 = 9.", "final answer"),              # the answer without the intermediate
+    ("Tom has 4 + 3 = 8 apples.", "wrong number"),          # a number not in the question
+    ("Tom has 4 apples and 3 more", "no result yet"),       # only the question's numbers
+])
+def test_opening_classes(text, expected):
+    question = "Tom has 4 apples, buys 3 and then 2 more. How many?"
+    assert credit.opening_class(text, question, intermediate="7", final="9") == expected
+
+
+def test_two_step_leaves_out_ambiguous_problems():
+    assert credit.two_step({"question": "Add 2 and 3, then 4.", "answer": "2 + 3 = <<2+3=5>>5\n5 + 4 = <<5+4=9>>9\n#### 9"}) == ("5", "9")
+    assert credit.two_step({"question": "Add 2 and 3, then 5.", "answer": "2 + 3 = <<2+3=5>>5\n5 + 5 = <<5+5=10>>10\n#### 10"}) is None
+
+
+def test_summary_adds_up_the_records(tmp_path):
+    out = tmp_path / "treerpo-s0"
+    train_gsm8k.main(["--smoke", "--out", str(out), "--eval-size", "2", "--eval-every", "2", "--show-tree-every", "0"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in records if "sample_s" in record]
+    figures = credit.run_summary(out)
+    assert figures["tokens"] == sum(record["tokens_generated"] for record in steps)
+    assert figures["kept_nodes"] == [record["kept_nodes"] for record in steps]
+    assert figures["eval_steps"] == [0, 2, 4] and figures["steps"] == 4
+    assert figures["leaves_per_question"] == pytest.approx(sum(r["leaves"] for r in steps) / len(steps) / 4)
+    table = credit.summary_tables([out])
+    assert "| treerpo-s0 |" in table and "| treerpo | 1 |" in table
