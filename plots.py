@@ -77,7 +77,7 @@ def plot(out_dirs: list[str], path: Path | None = None) -> Path:
     methods = list(dict.fromkeys(method for _, method, _ in runs))
     seeds = sorted({seed for _, _, seed in runs if seed is not None})
     colours = plt.get_cmap("tab10")
-    figure, axes = plt.subplots(3, 3, figsize=(16, 11))
+    figure, axes = plt.subplots(3, 3, figsize=(18, 11))
     questions = set()
     for out_dir, method, seed in runs:
         records = read_records(out_dir / "metrics.jsonl")
@@ -100,8 +100,8 @@ def plot(out_dirs: list[str], path: Path | None = None) -> Path:
             axis.set_ylim(0, 100)
             axis.set_ylabel("%")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=9, frameon=False)
-    figure.tight_layout(rect=(0, 0, 0.85, 1))
+    figure.legend(handles, labels, loc="center left", bbox_to_anchor=(0.79, 0.5), fontsize=9, frameon=False)
+    figure.tight_layout(rect=(0, 0, 0.78, 1))
     path = path or Path(out_dirs[0]) / "curves.png"
     figure.savefig(path, dpi=60)
     plt.close(figure)
