@@ -157,6 +157,9 @@ def summary_tables(runs: list[Path]) -> str:
              "| kept nodes a step (min-max) | answer tokens (train mean, last eval) |", "|" + " --- |" * 8]
     methods = {}
     for run in runs:
+        if '"sample_s"' not in (run / "metrics.jsonl").read_text():
+            lines.append(f"| {run.name} (no training step yet) |" + " |" * 7)
+            continue
         figures = run_summary(run)
         methods.setdefault(method_of(run), []).append(figures)
         name = run.name if figures["eval_steps"][-1] == figures["steps"] else f"{run.name} (to step {figures['steps']})"
