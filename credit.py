@@ -26,6 +26,7 @@ from pathlib import Path
 
 from reward import intermediate_result, numbers_in, reference_answer
 from pictures import format_tree
+from plots import read_records
 from treerpo import TreeNode
 
 CLASSES = ("right intermediate", "final answer", "wrong number", "no result yet")
@@ -131,11 +132,14 @@ def show_trees(run: Path, tokenizer, count: int) -> str:
     return "\n\n".join(shown)
 
 
-def run_summary(run: Path) -> dict:
+def run_summary(run: Path) -> dict | None:
     """One run's figures from its metrics.jsonl and run.json: held-out accuracy at each evaluation,
-    and over its training steps the generated tokens, seconds, leaves a question and kept nodes."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    and over its training steps the generated tokens, seconds, leaves a question and kept nodes;
+    None before its first training step."""
+    records = read_records(run / "metrics.jsonl")
     steps = [record for record in records if "sample_s" in record]
+    if not steps:
+        return None
     evaluations = [record for record in records if "eval_strict" in record]
     questions = json.loads((run / "run.json").read_text())["prompts_per_step"]
     return {"strict": [record["eval_strict"] for record in evaluations],
@@ -157,10 +161,10 @@ def summary_tables(runs: list[Path]) -> str:
              "| kept nodes a step (min-max) | answer tokens (train mean, last eval) |", "|" + " --- |" * 8]
     methods = {}
     for run in runs:
-        if '"sample_s"' not in (run / "metrics.jsonl").read_text():
+        figures = run_summary(run)
+        if figures is None:
             lines.append(f"| {run.name} (no training step yet) |" + " |" * 7)
             continue
-        figures = run_summary(run)
         methods.setdefault(method_of(run), []).append(figures)
         name = run.name if figures["eval_steps"][-1] == figures["steps"] else f"{run.name} (to step {figures['steps']})"
         lines.append(f"| {name} | {percent(figures['strict'])} | {percent(figures['lenient'])} | "
