@@ -95,7 +95,8 @@ def check(trl, model_dir: str) -> dict:
         trl_loss += part.item()
     theirs = torch.cat([parameter.grad.flatten() for parameter in model.parameters()]).double()
     figures = {"loss": loss, "trl_loss": trl_loss, "grad_norm": ours.norm().item(), "trl_grad_norm": theirs.norm().item(),
-               "relative_difference": ((ours - theirs).norm() / ours.norm()).item(), "answers": len(answers)}
+               "relative_difference": ((ours - theirs).norm() / ours.norm()).item(), "answers": len(answers),
+               "tokens": stats["tokens"], "trl_tokens": int(completion_mask.sum())}
 
     generation = GenerationConfig(max_new_tokens=DEPTH * SEGMENT_TOKENS, do_sample=True, pad_token_id=tokenizer.pad_token_id,
                                   eos_token_id=[tokenizer.eos_token_id], temperature=0.7, top_p=1.0, top_k=0,
@@ -128,7 +129,7 @@ def main():
         figures = check(trl, args.model)
         print(f"same {figures['answers']} answers: loss {figures['loss']:.6f} here, {figures['trl_loss']:.6f} TRL; "
               f"gradient norm {figures['grad_norm']:.6f} here, {figures['trl_grad_norm']:.6f} TRL, relative difference "
-              f"{figures['relative_difference']:.1e}. Sampled TRL's way from the same seed: {figures['same_answers']} of "
+              f"{figures['relative_difference']:.1e}; tokens {figures['tokens']} here, {figures['trl_tokens']} TRL. Sampled TRL's way from the same seed: {figures['same_answers']} of "
               f"{figures['answers']} answers identical to sample_trees'")
         return
     if not args.out:
