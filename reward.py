@@ -1,4 +1,5 @@
-"""GSM8K answers: the verifier behind the demo's reward, and generated word problems in GSM8K's format.
+"""GSM8K for the demo: the verifier behind its reward, the prompts it asks with, generated word
+problems in GSM8K's format, and the loading of --data (the hub's openai/gsm8k, or local files).
 
 Which number in a completion is its answer, first rule that matches wins:
     1. the last `\\boxed{...}`               -> the last number inside it
@@ -19,6 +20,7 @@ Every pattern is linear-time: no nested quantifiers that could backtrack on long
 import random
 import re
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+"  # 1,234.50 | -7 | 42 | .5 ; commas are dropped later
 BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")  # one level of inner braces: \boxed{\text{18}}
@@ -167,3 +169,78 @@ def intermediate_result(answer: str) -> str | None:
     one-step answer."""
     results = re.findall(r"<<[^=<>]*=([^<>]*)>>", answer)
     return _canonical(_numbers(results[0])[:1]) if len(results) > 1 else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading problems: the demo's --data
+
+# A dozen GSM8K-style problems for --smoke, in the dataset's own format.
+SMOKE_PROBLEMS = [
+    {"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+     "answer": f"Tom has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+    for a, b in [(1, 2), (2, 3), (3, 4), (4, 1), (2, 2), (1, 5), (3, 3), (0, 7), (5, 3), (6, 2), (4, 4), (1, 1)]
+]
+
+
+def load_problems(data: str, split: str) -> list[dict]:
+    """GSM8K-format problems ({"question", "answer" ending in "#### <number>"}) of `split`
+    ("train" or "test") from `data`: "smoke" (the built-in dozen), "easy" or "steps" (generated),
+    local JSON Lines files, or a hub dataset. Refused in one line, naming the file and line, if the
+    reward could not score them."""
+    if data == "smoke":
+        return list(SMOKE_PROBLEMS)  # a copy: the caller shuffles it
+    if data in PROBLEM_SETS:
+        return word_problems(data, split)
+    import datasets
+    files = local_data_files(data)
+    if files:
+        if not files[split].read_text().strip():  # datasets would call it "no data", obscurely
+            return check_problems([], str(files[split]))
+        try:  # datasets' json builder: one JSON object per line
+            problems = list(datasets.load_dataset("json", data_files={split: str(files[split])}, split=split))
+        except Exception as error:  # a malformed line raises deep inside datasets: name the file
+            raise SystemExit(f"could not read {files[split]}: {error}")
+        return check_problems(problems, str(files[split]))
+    try:
+        problems = list(datasets.load_dataset(data, "main", split=split))
+    except Exception as error:  # the hub raises many types: connection, missing file, auth
+        raise SystemExit(f"could not load the dataset {data!r} ({type(error).__name__}: {error}).\n"
+                         "It downloads from the Hugging Face hub: check the network, or set HF_HUB_OFFLINE=1 "
+                         "with a cached copy, or pass --data with a local folder. --smoke runs offline.")
+    return check_problems(problems, f"{data} ({split})")
+
+
+def local_data_files(data: str) -> dict[str, Path] | None:
+    """{"train": path, "test": path} for a local folder or a "TRAIN.jsonl,TEST.jsonl" pair; None for
+    a hub dataset name."""
+    if "," in data:
+        train, test = data.split(",", 1)
+        return {"train": Path(train), "test": Path(test)}
+    if Path(data).is_dir():
+        return {"train": Path(data) / "train.jsonl", "test": Path(data) / "test.jsonl"}
+    return None
+
+
+def check_problems(problems: list[dict], source: str) -> list[dict]:
+    """Refuse data the reward cannot score, naming the file and line, before any training."""
+    if not problems:
+        raise SystemExit(f"{source}: no problems in this split")
+    for number, problem in enumerate(problems, start=1):
+        where = f"{source}: {record_place(source, number)}"
+        for key in ("question", "answer"):
+            if not isinstance(problem.get(key), str) or not problem[key].strip():
+                raise SystemExit(f"{where}: the record has no {key!r} text (GSM8K format: "
+                                 '{"question": "...", "answer": "... #### 42"})')
+        if "####" not in problem["answer"] or reference_answer(problem["answer"]) is None:
+            raise SystemExit(f"{where}: the answer has no final '#### <number>', so no reward can be computed")
+    return problems
+
+
+def record_place(source: str, number: int) -> str:
+    """"line K" of the file that holds its `number`-th record (blank lines hold none), or
+    "record K" for a hub dataset."""
+    if not Path(source).is_file():
+        return f"record {number}"
+    with open(source) as file:
+        nonblank = (line_number for line_number, line in enumerate(file, start=1) if line.strip())
+        return f"line {next(line for count, line in enumerate(nonblank, start=1) if count == number)}"

@@ -1,6 +1,7 @@
 """A training run's folder that never loses work and never resumes wrong (used by train_gsm8k.py).
 
-    <out>/run.lock                   the pid of the run using the folder: one run per folder
+    <out>/run.lock                   locked while a run uses the folder: one run per folder
+    <out>/run.json                   the run's config
     <out>/metrics.jsonl              one strict-JSON record per step, as many as the checkpoint says
     <out>/checkpoint-000008/         the newest complete checkpoint: weights, optimizer, RNG, step,
         manifest.json                written last: every file's size and SHA-256
@@ -19,8 +20,14 @@ import json
 import math
 import os
 import shutil
+import random
+import shlex
 import signal
+import sys
 from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
 
 MANIFEST = "manifest.json"
 PREFIX = "checkpoint-"
@@ -30,46 +37,16 @@ PREFIX = "checkpoint-"
 # One run per folder
 
 
-def take_lock(out: Path) -> Path:
-    """Create <out>/run.lock holding this process's pid; refuse if a live process holds it. A lock
-    left by a run that was killed (its pid is gone) is taken over."""
-    lock = out / "run.lock"
-    for _ in range(2):
-        try:
-            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = _lock_owner(lock)
-            if owner is not None and owner != os.getpid() and _alive(owner):
-                raise SystemExit(f"--out {out} is in use by another run (pid {owner}): wait for it to end, "
-                                 "or pass another --out")
-            lock.unlink(missing_ok=True)  # stale: its run was killed
-            continue
-        with os.fdopen(descriptor, "w") as file:
-            file.write(str(os.getpid()))
-        return lock
-    raise SystemExit(f"--out {out}: could not take {lock}; another run may be starting there")
-
-
-def release_lock(lock: Path):
-    if _lock_owner(lock) == os.getpid():
-        lock.unlink(missing_ok=True)
-
-
-def _lock_owner(lock: Path) -> int | None:
+def take_lock(out: Path) -> FileLock:
+    """Hold <out>/run.lock for this run; refuse in one line if another run holds it. The operating
+    system releases the lock when its process ends, however it ends, so a killed run leaves no stale
+    lock behind (filelock, which transformers already needs)."""
+    lock = FileLock(out / "run.lock", timeout=0)
     try:
-        return int(lock.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
+        lock.acquire()
+    except Timeout:
+        raise SystemExit(f"--out {out} is in use by another run: wait for it to end, or pass another --out")
+    return lock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,3 +209,66 @@ class GracefulStop:
 
 def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo's checkpoints: what a resumed run needs to go on exactly as if never stopped
+
+
+def save_run(out: Path, step: int, model, tokenizer, optimizer, run_state: dict) -> Path:
+    """<out>/checkpoint-<step>: the weights (the adapters only, with LoRA), the tokenizer, the
+    optimizer and every RNG's state, and run_state.json (the step, how many metrics records the run
+    had logged, the config). Weights that are not finite are never saved."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    if not all(torch.isfinite(parameter).all() for parameter in trainable):
+        raise SystemExit(f"step {step}: the weights are not finite, so no checkpoint was saved (the last one remains)")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return save_checkpoint(out, step, [
+        model.save_pretrained, tokenizer.save_pretrained,
+        lambda folder: torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, folder / "trainer_state.pt"),
+        lambda folder: (folder / "run_state.json").write_text(json.dumps(run_state))])
+
+
+def resume_run(checkpoint: Path, optimizer, out: Path) -> tuple[int, int]:
+    """Restore the optimizer and every RNG from `checkpoint`, and bring metrics.jsonl (and
+    trees.jsonl) back to what it had seen, moving later records aside. Returns (the step, the
+    records kept)."""
+    try:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        run_state = json.loads((checkpoint / "run_state.json").read_text())
+        optimizer.load_state_dict(state["optimizer"])
+    except Exception as error:  # the manifest matched, so this is not damage but another script's file
+        raise SystemExit(f"--resume: cannot load {checkpoint} ({type(error).__name__}: {error}); "
+                         "pass --overwrite to start over")
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    records = trim_records(out / "metrics.jsonl", run_state["metrics_records"])
+    trim_records(out / "trees.jsonl", run_state["step"])
+    if records < run_state["metrics_records"]:
+        print(f"note: metrics.jsonl held {records} of the {run_state['metrics_records']} records "
+              f"{checkpoint.name} was saved after", file=sys.stderr)
+    return run_state["step"], records
+
+
+def clear_run(out: Path):
+    """--overwrite: delete what a run writes into its folder (nothing else)."""
+    for path in out.iterdir():
+        if path.name.startswith((PREFIX, "." + PREFIX, "metrics.", "trees.", "curves.", "run.json")) \
+                or path.name == "trees":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes a run: the one that started it (`argv`), with --resume."""
+    return "python train_gsm8k.py " + shlex.join([arg for arg in argv if arg not in ("--resume", "--overwrite")] + ["--resume"])
+
+
+def where_to_go_on(out: Path, argv: list[str]) -> str:
+    """The last complete checkpoint and the command that resumes from it (or starts over)."""
+    checkpoints = sorted(out.glob(f"{PREFIX}*"))
+    if not checkpoints:
+        return f"No checkpoint was saved yet; start over with: python train_gsm8k.py {shlex.join(argv)} --overwrite"
+    return f"The last complete checkpoint is {checkpoints[-1]}; resume with: {resume_command(argv)}"

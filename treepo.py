@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from treerpo import (SampledLogprobs, TreeNode, _check_lengths, _check_rows, _check_sampling_args, _special_ids,
+from treerpo import (SampledLogprobs, TreeNode, check_lengths, check_rows, check_sampling_args, special_ids,
                      add_children, cache_argument, encode_prompts, generate_settings, leaves, nodes, pad_rows,
                      path_from_root, response_tokens, reward_of)
 
@@ -75,12 +75,12 @@ def sample_budgeted_trees(model, tokenizer, prompts: list[str], *, width: int, d
     (count 0: off); fallback, whether budget left when every path has ended is spent re-branching.
     max_rows caps prompts x width, the most rows a level can hold.
     """
-    _check_sampling_args(prompts, temperature, top_p, do_sample, width=width, divergence=divergence,
+    check_sampling_args(prompts, temperature, top_p, do_sample, width=width, divergence=divergence,
                          max_depth=max_depth, segment_tokens=segment_tokens)
-    _check_rows(len(prompts) * width, max_rows, f"{len(prompts)} prompts x width {width}")
-    pad_id, eos_ids = _special_ids(model, tokenizer)
+    check_rows(len(prompts) * width, max_rows, f"{len(prompts)} prompts x width {width}")
+    pad_id, eos_ids = special_ids(model, tokenizer)
     roots = [BudgetedNode(tokens=tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts]
-    _check_lengths(model, [root.tokens for root in roots], max_depth * segment_tokens)
+    check_lengths(model, [root.tokens for root in roots], max_depth * segment_tokens)
     generation = generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample)
     stop_rule = dict(max_depth=max_depth, eos_ids=eos_ids, repeat=(repeat_length, repeat_count), tokenizer=tokenizer)
     was_training = model.training

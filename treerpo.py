@@ -19,7 +19,11 @@ nodes are segments of at most L generated tokens; every node gets N fresh contin
    into one row under a tree attention mask, so every token is also forwarded once.
 
 With depth=1 the tree is N independent answers to the prompt and TreeRPO is exactly GRPO.
-Works with any Hugging Face causal LM whose `generate` takes a `DynamicCache`.
+The four sections below follow these steps; the guards and compatibility helpers come last.
+Models: any Hugging Face causal LM whose `generate` takes a `DynamicCache`. Packed rows need an
+attention that takes a 4D mask (sdpa, eager) and no sliding window shorter than a path (Mistral,
+Gemma): elsewhere the loss trains leaf paths, with the same result. A forward without
+`logits_to_keep` works too, computing every position's logits (more memory).
 """
 
 import inspect
@@ -88,11 +92,11 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
     max_rows: refuse, before anything is allocated, a last level that could need more rows (prompts
         x branch ** depth), each with its KV cache. Runs under no_grad in eval mode (mode restored).
     """
-    _check_sampling_args(prompts, temperature, top_p, do_sample, branch=branch, depth=depth, segment_tokens=segment_tokens)
-    _check_rows(len(prompts) * branch ** depth, max_rows, f"{len(prompts)} prompts x branch {branch} ** depth {depth}")
-    pad_id, eos_ids = _special_ids(model, tokenizer)
+    check_sampling_args(prompts, temperature, top_p, do_sample, branch=branch, depth=depth, segment_tokens=segment_tokens)
+    check_rows(len(prompts) * branch ** depth, max_rows, f"{len(prompts)} prompts x branch {branch} ** depth {depth}")
+    pad_id, eos_ids = special_ids(model, tokenizer)
     prompt_ids = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
-    _check_lengths(model, prompt_ids, depth * segment_tokens)
+    check_lengths(model, prompt_ids, depth * segment_tokens)
 
     roots = [TreeNode(tokens=ids) for ids in prompt_ids]
     input_ids, attention_mask = pad_rows(prompt_ids, pad_id, side="left", device=model.device)  # (B, P)
@@ -107,19 +111,6 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
     return roots
 
 
-# generation_config settings that would change the distribution `generate` samples from (the
-# recorded log-probs would not be the sampled ones) or the rows it returns. The common ones are
-# overridden (`generate_settings`); any of these, set away from its neutral value or None, is refused.
-REFUSED_GENERATION = dict(
-    min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None, no_repeat_ngram_size=0, min_length=0,
-    encoder_no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, bad_words_ids=None, force_words_ids=None,
-    suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None, num_beams=1,
-    forced_eos_token_id=None, forced_decoder_ids=None, exponential_decay_length_penalty=None, renormalize_logits=False,
-    min_new_tokens=0, num_beam_groups=1, diversity_penalty=0.0, num_return_sequences=1, penalty_alpha=None,
-    dola_layers=None, guidance_scale=1.0, watermarking_config=None, stop_strings=None, max_time=None,
-    prompt_lookup_num_tokens=None, cache_implementation=None)
-
-
 def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample) -> dict:
     """`generate`'s keyword arguments: L tokens from softmax(logits / temperature) (top_p if < 1)."""
     for name, neutral in REFUSED_GENERATION.items():
@@ -132,13 +123,6 @@ def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p
     if do_sample:  # top_k=0 too: the distribution sampled is the one recorded
         generation.update(temperature=temperature, top_p=top_p, top_k=0)
     return generation
-
-
-def _check_rows(rows: int, max_rows: int, what: str):  # before anything is allocated
-    _check_count("max_rows", max_rows)
-    if rows > max_rows:
-        raise ValueError(f"{what} = {rows:,} rows in the last level, over max_rows={max_rows:,} (each row holds a "
-                         "KV cache): sample fewer prompts per call or a smaller tree, or raise max_rows")
 
 
 @torch.no_grad()
@@ -183,13 +167,8 @@ def encode_prompts(model, input_ids, attention_mask) -> DynamicCache:
     if input_ids.shape[1] > 1:
         # logits_to_keep=1: skip the (B, P, vocab) logits nobody reads (GBs for a 151k vocabulary).
         model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids(attention_mask[:, :-1]),
-              **cache_argument(model, cache), use_cache=True, logits_to_keep=1)
+              **cache_argument(model, cache), use_cache=True, **({"logits_to_keep": 1} if takes(model, "logits_to_keep") else {}))
     return cache
-
-
-def cache_argument(model, cache) -> dict:
-    """How `forward` and `generate` take a KV cache: `cache` from transformers 5.24, else `past_key_values`."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -237,67 +216,6 @@ def add_children(parents, new_tokens, logprobs, eos_ids, segment_tokens) -> list
     return children
 
 
-def _check_sampling_args(prompts, temperature, top_p, do_sample, **counts):
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-    if not prompts:
-        raise ValueError("prompts is empty: pass at least one prompt")
-    for name, number in counts.items():
-        _check_count(name, number)
-    if do_sample and not temperature > 0:  # greedy decoding reads neither temperature nor top_p
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if do_sample and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def _check_count(name, number):
-    if not isinstance(number, int) or isinstance(number, bool) or number < 1:  # True is an int in Python
-        raise ValueError(f"{name} must be an integer >= 1, got {number!r}")
-
-
-def _special_ids(model, tokenizer) -> tuple[int, set[int]]:
-    """(pad id, EOS ids). EOS: the tokenizer's and the model's generation_config's (Qwen has two).
-    Without a pad token the EOS pads: safe, as segments are cut at their first EOS and finished rows
-    never continue, so no pad is ever read as a token."""
-    eos_ids = set()
-    for eos in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if eos is not None:
-            eos_ids.update([eos] if isinstance(eos, int) else eos)
-    if tokenizer.pad_token_id is None and not eos_ids:
-        raise ValueError("the tokenizer has neither a pad token nor an EOS token; "
-                         "set one, e.g. tokenizer.pad_token = tokenizer.eos_token")
-    fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos_ids, default=None)
-    return (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback), eos_ids
-
-
-def _check_lengths(model, prompt_ids, response_tokens_max):
-    if not all(prompt_ids):
-        raise ValueError(f"prompt {[bool(ids) for ids in prompt_ids].index(False)} encodes to no tokens: "
-                         "every prompt needs at least one")
-    context = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(ids) for ids in prompt_ids)
-    if context is not None and longest + response_tokens_max > context:
-        raise ValueError(f"the longest prompt ({longest} tokens) + depth * segment_tokens "
-                         f"({response_tokens_max}) exceeds the model's context of {context} tokens")
-
-
-def pad_rows(rows: list[list[int]], pad_id: int, side: str, device=None):
-    """Pad token lists to one width. Returns input_ids (rows, T) and attention_mask (rows, T)."""
-    width = max(len(row) for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        columns = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        input_ids[i, columns] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, columns] = 1
-    return input_ids.to(device), attention_mask.to(device)
-
-
-def position_ids(attention_mask):
-    """Positions that skip padding, so a left-padded row is encoded as if unpadded.  (rows, T)"""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # 2-3. Node values and step-level group advantages
 
@@ -335,21 +253,16 @@ def _assign_values(node: TreeNode) -> float:
     return node.value
 
 
-def reward_of(leaf: TreeNode) -> float:
-    """A leaf's reward as a float: a finite bool, int, float or numpy number, else a ValueError."""
-    if leaf.reward is None:
-        raise ValueError(f"a leaf at depth {leaf.depth} has no reward: set leaf.reward on every leaf first")
-    if not isinstance(leaf.reward, numbers.Real) or not math.isfinite(leaf.reward):
-        raise ValueError(f"a leaf at depth {leaf.depth} has reward {leaf.reward!r}: rewards must be finite numbers")
-    return float(leaf.reward)
-
-
 def group_advantages(values: list[float], norm: str = "std", eps: float = 1e-6) -> list[float]:
     """GRPO's advantages for one group of sibling values.
 
     std:       A = (V - mean) / (std + eps), std with Bessel's correction (as torch.std, TRL's GRPO)
     bernoulli: A = (V - mu) / (mu (1 - mu) + eps), mu = mean (the published TreeRPO code)
     none:      A = V - mean
+
+    A pair of different values always gets +-1/sqrt(2) = +-0.71 under std, however close they
+    are: the mean is halfway, and the std of two values is their gap / sqrt(2). Only N >= 3 (or
+    norm="none") makes the size of a gap count; tau decides which pairs count at all.
 
     >>> [round(a, 3) for a in group_advantages([1.0, 0.0, 0.0, 1.0])]
     [0.866, -0.866, -0.866, 0.866]
@@ -380,11 +293,19 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
 # The trees go to the model as rows of tokens, laid out one of two ways with the same loss and
 # gradient. Leaf paths (`leaf_path_rows`): a row per leaf under the usual causal mask; any attention
 # works, but a shared prefix is forwarded once per leaf below it. Packed (`packed_rows`, the
-# default): a tree per row, each segment once, under a tree mask that shows a token its own path:
+# default): a tree per row, each segment once, under a tree mask that shows a token its own path,
+# at the positions it would have if its path stood alone. One packed row, worked out: a 3-token
+# prompt P, its children a and b, and a's children aa and ab, two tokens each:
 #
-#     row:        [ prompt | a | aa | ab | b | ba ]      a token of ab sees the prompt, a and ab up
-#     positions:    0..P-1  P..  P+L.. P+L.. P..  P+L..   to itself, never aa or b, at the positions
-#                                                       it would have if its path stood alone
+#     index      0  1  2   3  4   5  6   7  8   9 10       sees     P  a aa ab  b
+#     tokens     P  P  P   a  a  aa aa  ab ab   b  b       P        1  .  .  .  .
+#     slots      0  0  0   1  1   2  2   3  3   4  4       a        1  1  .  .  .
+#     positions  0  1  2   3  4   5  6   5  6   3  4       aa       1  1  1  .  .
+#     previous  -1  0  1   2  3   4  5   4  7   2  9       ab       1  1  .  1  .
+#                                                          b        1  .  .  .  1
+# `previous` is the token whose logits predict this one: ab's first token (7) is predicted by a's
+# last (4), b's first (9) by the prompt's last (2). The mask: token i may attend to token j <= i
+# when sees[slot i, slot j]; so ab's tokens see 0-4 and 7-8, never aa (5-6).
 
 
 def leaf_path_rows(root: TreeNode) -> list[dict]:
@@ -461,7 +382,7 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
                    positions=None):
     """Teacher-forced log p(token | the tokens before it) under softmax(logits / temperature).
 
-    input_ids: (rows, T); attention_mask: (rows, T), or (1, 1, T, T) for a packed row.
+    input_ids: (rows, T); attention_mask: (rows, T), or a packed row's (1, 1, T, T) "may attend" (bool).
     columns: the columns t to score, (K,); by default 1 .. T-1. predictors: (K,) the column whose
     logits predict each, by default t - 1 (in a packed row a segment's first token follows its
     parent's last). positions: (rows, T) position ids, by default from the mask. Returns (rows, K).
@@ -470,10 +391,15 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
         columns = torch.arange(1, input_ids.shape[1], device=input_ids.device)
     predictors = columns - 1 if predictors is None else predictors
     positions = position_ids(attention_mask) if positions is None else positions
+    if attention_mask.dim() == 4:  # in the form this model's attention reads: policy and reference may differ
+        attention_mask = mask_for(model, attention_mask)
     # logits_to_keep: project onto the vocabulary only where a token is scored. The prompt's
     # positions need none; with Qwen's 151k vocabulary this cut the bench's loss step 12x (CPU).
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions,
-                   logits_to_keep=predictors).logits  # (rows, K, V)
+    if takes(model, "logits_to_keep"):
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=positions,
+                       logits_to_keep=predictors).logits  # (rows, K, V)
+    else:  # the same values, from every position's logits
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=positions).logits[:, predictors]
     logits = logits.float() / temperature
     targets = input_ids[:, columns, None]
     # log_softmax gathered at the target, without materialising a second (rows, K, V) tensor
@@ -510,11 +436,11 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
     activations. Old log-probs are the recorded ones; where none were recorded the update is
     on-policy (ratio 1: plain policy gradient).
     packed: True trains `packed_rows` (rows of at most `max_row_tokens` tokens under a tree mask,
-        one a forward), which needs an attention that takes a 4D mask ("sdpa", "eager"); False
-        trains `leaf_path_rows`, `micro_batch_size` a forward, any attention; None: packed if it can.
+        one a forward), which needs models that take it (`can_pack`); False trains `leaf_path_rows`,
+        `micro_batch_size` a forward, any model; None: packed where the models can.
     """
-    _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens)
-    packed = _can_pack(model, packed)
+    check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens)
+    packed = can_pack([model] + ([ref_model] if kl_coef else []), trees, packed)
     if packed:
         batches = [[row] for root in trees for row in packed_rows(root, max_row_tokens)]
     else:
@@ -552,36 +478,98 @@ def collate(rows: list[dict], model, packed: bool) -> dict:
     """Rows of `training_row` as tensors on the model's device: input_ids, attention_mask, positions,
     advantages, weights, old_logprobs (rows, T), and previous (T,), the column predicting each. Leaf
     paths are right-padded (padding is never trained) and share previous = t - 1; a packed row (one
-    a batch) brings its own positions, predecessors and tree mask."""
+    a batch) brings its own positions, predecessors and tree mask (1, 1, T, T), bool."""
     input_ids, attention_mask = pad_rows([row["tokens"] for row in rows], pad_id=0, side="right")
     width = input_ids.shape[1]
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": position_ids(attention_mask),
              "previous": torch.arange(width) - 1}
     if packed:
         (row,) = rows
-        batch |= {"attention_mask": _mask_4d(tree_mask(row), model), "positions": torch.tensor([row["positions"]]),
+        batch |= {"attention_mask": tree_mask(row)[None, None], "positions": torch.tensor([row["positions"]]),
                   "previous": torch.tensor(row["previous"])}
     for key, fill in (("advantages", 0.0), ("weights", 0), ("old_logprobs", math.nan)):
         batch[key] = torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], dtype=torch.float)
     return {key: tensor.to(model.device) for key, tensor in batch.items()}
 
 
-def _mask_4d(sees, model):
-    """(T, T) "may attend" as the (1, 1, T, T) mask the attention takes: bool (sdpa), 0 / -inf (eager)."""
-    if model.config._attn_implementation == "sdpa":
-        return sees[None, None]
-    return torch.zeros(sees.shape).masked_fill(~sees, torch.finfo(torch.float32).min)[None, None]
+# ----------------------------------------------------------------------------------------------
+# Guards (each refuses bad input in one line before any compute) and compatibility helpers
 
 
-def _can_pack(model, packed) -> bool:
-    attention = model.config._attn_implementation
-    if packed and attention not in ("sdpa", "eager"):
-        raise ValueError("packed=True needs an attention that takes a custom 4D mask: load the model with "
-                         f"attn_implementation='sdpa' or 'eager', not {attention!r}; packed=False trains leaf paths")
-    return attention in ("sdpa", "eager") if packed is None else bool(packed)
+# generation_config settings that would change the distribution `generate` samples from (the
+# recorded log-probs would not be the sampled ones) or the rows it returns. The common ones are
+# overridden (`generate_settings`); any of these, set away from its neutral value or None, is refused.
+REFUSED_GENERATION = dict(
+    min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None, no_repeat_ngram_size=0, min_length=0,
+    encoder_no_repeat_ngram_size=0, encoder_repetition_penalty=1.0, bad_words_ids=None, force_words_ids=None,
+    suppress_tokens=None, begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None, num_beams=1,
+    forced_eos_token_id=None, forced_decoder_ids=None, exponential_decay_length_penalty=None, renormalize_logits=False,
+    min_new_tokens=0, num_beam_groups=1, diversity_penalty=0.0, num_return_sequences=1, penalty_alpha=None,
+    dola_layers=None, guidance_scale=1.0, watermarking_config=None, stop_strings=None, max_time=None,
+    prompt_lookup_num_tokens=None, cache_implementation=None)
 
 
-def _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens):
+def check_rows(rows: int, max_rows: int, what: str):  # before anything is allocated
+    check_count("max_rows", max_rows)
+    if rows > max_rows:
+        raise ValueError(f"{what} = {rows:,} rows in the last level, over max_rows={max_rows:,} (each row holds a "
+                         "KV cache): sample fewer prompts per call or a smaller tree, or raise max_rows")
+
+
+def check_sampling_args(prompts, temperature, top_p, do_sample, **counts):
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    for name, number in counts.items():
+        check_count(name, number)
+    if do_sample and not temperature > 0:  # greedy decoding reads neither temperature nor top_p
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if do_sample and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def check_count(name, number):
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:  # True is an int in Python
+        raise ValueError(f"{name} must be an integer >= 1, got {number!r}")
+
+
+def special_ids(model, tokenizer) -> tuple[int, set[int]]:
+    """(pad id, EOS ids). EOS: the tokenizer's and the model's generation_config's (Qwen has two).
+    Without a pad token the EOS pads: safe, as segments are cut at their first EOS and finished rows
+    never continue, so no pad is ever read as a token."""
+    eos_ids = set()
+    for eos in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if eos is not None:
+            eos_ids.update([eos] if isinstance(eos, int) else eos)
+    if tokenizer.pad_token_id is None and not eos_ids:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token; "
+                         "set one, e.g. tokenizer.pad_token = tokenizer.eos_token")
+    fallback = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(eos_ids, default=None)
+    return (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback), eos_ids
+
+
+def check_lengths(model, prompt_ids, response_tokens_max):
+    if not all(prompt_ids):
+        raise ValueError(f"prompt {[bool(ids) for ids in prompt_ids].index(False)} encodes to no tokens: "
+                         "every prompt needs at least one")
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(ids) for ids in prompt_ids)
+    if context is not None and longest + response_tokens_max > context:
+        raise ValueError(f"the longest prompt ({longest} tokens) + depth * segment_tokens "
+                         f"({response_tokens_max}) exceeds the model's context of {context} tokens")
+
+
+def reward_of(leaf: TreeNode) -> float:
+    """A leaf's reward as a float: a finite bool, int, float or numpy number, else a ValueError."""
+    if leaf.reward is None:
+        raise ValueError(f"a leaf at depth {leaf.depth} has no reward: set leaf.reward on every leaf first")
+    if not isinstance(leaf.reward, numbers.Real) or not math.isfinite(leaf.reward):
+        raise ValueError(f"a leaf at depth {leaf.depth} has reward {leaf.reward!r}: rewards must be finite numbers")
+    return float(leaf.reward)
+
+
+def check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens):
     if not isinstance(trees, (list, tuple)) or not all(isinstance(root, TreeNode) for root in trees):
         raise ValueError(f"trees must be a list of TreeNode roots, got {type(trees).__name__}")
     for i, root in enumerate(trees):
@@ -595,5 +583,70 @@ def _check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, m
         raise ValueError("kl_coef > 0 needs ref_model, the frozen starting model")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (the one sampled with), got {temperature!r}")
-    _check_count("micro_batch_size", micro_batch_size)
-    _check_count("max_row_tokens", max_row_tokens)
+    check_count("micro_batch_size", micro_batch_size)
+    check_count("max_row_tokens", max_row_tokens)
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, side: str, device=None):
+    """Pad token lists to one width. Returns input_ids (rows, T) and attention_mask (rows, T)."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        columns = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        input_ids[i, columns] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, columns] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def position_ids(attention_mask):
+    """Positions that skip padding, so a left-padded row is encoded as if unpadded.  (rows, T)"""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def cache_argument(model, cache) -> dict:
+    """How `forward` and `generate` take a KV cache: `cache` from transformers 5.24, else `past_key_values`."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def can_pack(models: list, trees: list[TreeNode], packed: bool | None) -> bool:
+    """Whether the loss trains packed rows. Each model must read a custom 4D mask (sdpa, eager) and
+    slide no attention window shorter than the longest path: the tree mask replaces the model's
+    own, window included, so a Mistral or Gemma window would be lost. packed=True: refuse if not."""
+    longest = max(len(root.tokens) + len(response_tokens(leaf)) for root in trees for leaf in leaves(root))
+    for model in models:
+        attention, window = getattr(getattr(model, "config", None), "_attn_implementation", None), sliding_window(model)
+        problem = (f"attention {attention!r} takes no custom 4D mask (load the model with attn_implementation='sdpa' "
+                   "or 'eager')" if attention not in ("sdpa", "eager") else
+                   f"a path of {longest} tokens is longer than the model's sliding window of {window}"
+                   if window is not None and longest > window else None)
+        if problem and packed:
+            raise ValueError(f"packed=True: {problem}; packed=False trains leaf paths, with the same result")
+        if problem:
+            return False
+    return packed is not False
+
+
+def sliding_window(model) -> int | None:
+    """The attention window a model slides on some of its layers (Mistral, Gemma 2/3, Qwen2 with
+    use_sliding_window), or None."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or getattr(config, "use_sliding_window", True) is False or \
+            (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    return window
+
+
+def mask_for(model, sees: torch.Tensor) -> torch.Tensor:
+    """A (1, 1, T, T) "may attend" as `model`'s attention adds it: bool (sdpa), 0 / -inf (eager)."""
+    if model.config._attn_implementation == "sdpa":
+        return sees
+    return torch.zeros(sees.shape, device=sees.device).masked_fill(~sees, torch.finfo(torch.float32).min)
+
+
+def takes(model, keyword: str) -> bool:
+    """Whether `model`'s forward takes `keyword` (by name, or through **kwargs)."""
+    parameters = inspect.signature(getattr(model, "forward", model)).parameters
+    return keyword in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())

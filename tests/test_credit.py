@@ -8,7 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-import credit
+from probes import credit
 import train_gsm8k
 
 

@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from tiny import byte_tokenizer, tiny_model
+from offline.tiny import byte_tokenizer, tiny_model
 from treepo import root_of, sample_budgeted_trees
 from treerpo import (TreeNode, add_children, assign_advantages, backward_loss, leaves, nodes, pad_rows,
                      response_tokens, sample_trees)

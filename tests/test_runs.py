@@ -13,6 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+import reward
 import run_folder
 import train_gsm8k
 
@@ -106,7 +107,6 @@ def test_a_kill_at_any_point_of_a_save_loses_nothing(tmp_path, monkeypatch, stra
     with pytest.raises(Killed):
         run(out, "--steps", "6")
     monkeypatch.undo()
-    (out / "run.lock").write_text("999999999")  # a killed run leaves its lock; its pid is gone
     expected = "checkpoint-000004" if point == "old deleted" else "checkpoint-000002"
     assert run_folder.newest_checkpoint(out).name == expected
     assert run(out, "--steps", "6", "--resume") == 0
@@ -156,14 +156,15 @@ def test_records_are_strict_json():
 
 
 def signal_during_step(monkeypatch, step, signals):
-    original = train_gsm8k.run_step
+    original, calls = train_gsm8k.train_step, []
 
-    def run_step(*args, **kwargs):
-        if args[5] == step:  # run_step(model, ref_model, tokenizer, optimizer, problems, step, ...)
+    def train_step(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == step:  # the run starts at step 1
             for number in signals:
                 os.kill(os.getpid(), number)
         return original(*args, **kwargs)
-    monkeypatch.setattr(train_gsm8k, "run_step", run_step)
+    monkeypatch.setattr(train_gsm8k, "train_step", train_step)
 
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
@@ -223,12 +224,13 @@ def test_non_finite_steps_are_never_applied_nor_saved_and_stop_the_run(tmp_path,
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
 
 
-@pytest.mark.parametrize("score, shown", [("1.0", "'1.0' (str)"), (math.nan, "nan (float)"),
-                                          (torch.tensor(1.0), "(Tensor)")])
+@pytest.mark.parametrize("score, shown", [("1.0", "has reward '1.0'"), (math.nan, "has reward nan"),
+                                          (torch.tensor(1.0), "has reward tensor(1.)")])
 def test_a_verifier_score_that_is_not_a_finite_number_is_refused(tmp_path, monkeypatch, score, shown):
     monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: score)
     message = one_line(run(tmp_path / "run", "--steps", "2"))
-    assert message.startswith("the verifier returned ") and shown in message and "for the response '" in message
+    assert message.startswith("the verifier's reward for the answer '") and shown in message
+    assert "rewards must be finite numbers" in message
 
 
 def test_overflowing_scores_and_diverged_weights_stop_in_one_line(tmp_path, monkeypatch):
@@ -248,7 +250,7 @@ def test_overflowing_scores_and_diverged_weights_stop_in_one_line(tmp_path, monk
 
 def test_a_cut_metrics_line_does_not_break_the_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    import plots
+    from pictures import plots
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_lenient": 0.5}\n{"step": 1, "rew')
     assert plots.read_records(tmp_path / "metrics.jsonl") == [{"step": 0, "eval_lenient": 0.5}]
     assert plots.plot([str(tmp_path)]).exists()
@@ -322,14 +324,26 @@ def test_a_garbage_manifest_is_refused_in_one_line(tmp_path, monkeypatch, capsys
 # One run per folder ---------------------------------------------------------------------------
 
 
-def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
+def test_a_folder_in_use_is_refused_and_a_lock_file_left_behind_is_no_lock(tmp_path):
+    from filelock import FileLock
     out = tmp_path / "run"
     out.mkdir()
-    (out / "run.lock").write_text("1")  # pid 1 is alive
-    assert one_line(run(out, "--steps", "2")) == f"--out {out} is in use by another run (pid 1): wait for it to end, or pass another --out"
-    (out / "run.lock").write_text("999999999")  # a run that was killed
+    with FileLock(out / "run.lock"):  # another run holds the folder
+        assert one_line(run(out, "--steps", "2")) == f"--out {out} is in use by another run: wait for it to end, or pass another --out"
+    assert (out / "run.lock").exists()  # as a killed run would leave it: the OS released its lock
     assert run(out, "--steps", "2") == 0
-    assert not (out / "run.lock").exists()
+
+
+def test_smoke_starts_over_only_over_a_smoke_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--steps", "2") == 0
+    assert run(out, "--steps", "2") == 0  # --smoke again: starts over its own run
+    config = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**config, "smoke": False}))  # now the folder of a real run
+    before = sorted(path.name for path in out.iterdir())
+    assert run(out, "--steps", "2") == 2
+    assert f"--out {out} already holds a run (metrics.jsonl): pass --resume" in capsys.readouterr().err.splitlines()[-1]
+    assert sorted(path.name for path in out.iterdir()) == before and (out / "checkpoint-000002").is_dir()
 
 
 # 11. The command line ---------------------------------------------------------------------------
@@ -340,7 +354,7 @@ def test_a_folder_in_use_is_refused_and_a_stale_lock_taken_over(tmp_path):
     (["--model", "./nowhere"], "--model ./nowhere: no such file or folder"),
     (["--data", "../nowhere/gsm8k"], "--data ../nowhere/gsm8k: no such file or folder"),
     (["--out", "a_file/run"], "--out a_file/run: cannot create a folder there"),
-    (["--branch", "64", "--depth", "4"], "up to 33,554,432 rows in its last level, over sample_trees' max_rows"),
+    (["--branch", "64", "--depth", "4"], "= 33,554,432 rows in the last level, over max_rows=4,096"),
 ])
 def test_local_paths_that_do_not_exist_are_refused_before_loading(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.chdir(tmp_path)
@@ -363,7 +377,7 @@ def test_one_training_step_under_bf16_autocast(monkeypatch):
     model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     before = [parameter.detach().clone() for parameter in model.parameters()]
-    metrics, _ = train_gsm8k.train_step(model, None, tokenizer, optimizer, train_gsm8k.SMOKE_PROBLEMS[:4], cfg, "cpu")
+    metrics, _ = train_gsm8k.train_step(model, None, tokenizer, optimizer, reward.SMOKE_PROBLEMS[:4], cfg, "cpu")
     assert metrics["tokens"] > 0 and not metrics["skipped"] and math.isfinite(metrics["loss"])
     assert all(parameter.dtype == torch.float32 and torch.isfinite(parameter).all() for parameter in model.parameters())
     assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))

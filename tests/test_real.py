@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-import pictures
+from pictures import tree_text as pictures
 import reward
-from smollm2 import SMOLLM2_INSTALL, export_smollm2, smollm2_gguf
+from offline.smollm2 import SMOLLM2_INSTALL, export_smollm2, smollm2_gguf
 from test_treerpo import teacher_forced
 from reward import chat_prompt
-from train_gsm8k import SMOKE_PROBLEMS
+from reward import SMOKE_PROBLEMS
 from treerpo import assign_advantages, backward_loss, leaves, nodes, response_tokens, sample_trees
 
 pytestmark = pytest.mark.real
-HERE = Path(__file__).parent
-GSM8K = HERE.parent / "shared" / "data" / "gsm8k"  # for this project's CI; users pass --data themselves
+ROOT = Path(__file__).parent.parent  # the repository
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"  # for this project's CI; users pass --data themselves
 
 
 @pytest.fixture(scope="session")
@@ -123,7 +123,7 @@ def test_one_training_step_on_real_data(model_dir, tmp_path):
     out = tmp_path / "run"
     subprocess.run([sys.executable, "train_gsm8k.py", "--model", model_dir, "--data", str(data), "--device", "cpu",
                     "--steps", "1", "--prompts-per-step", "2", "--branch", "2", "--depth", "2", "--segment-tokens", "8",
-                    "--eval-size", "2", "--lr", "1e-5", "--out", str(out)], check=True, cwd=HERE, capture_output=True,
+                    "--eval-size", "2", "--lr", "1e-5", "--out", str(out)], check=True, cwd=ROOT, capture_output=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [0, 1]
@@ -133,8 +133,8 @@ def test_one_training_step_on_real_data(model_dir, tmp_path):
 
 def test_the_pictures_shown_are_the_output_of_python_pictures_py_real(model_dir):
     drawn = pictures.real_pictures(model_dir)
-    assert drawn in (HERE / "docs" / "pictures.md").read_text()  # all five
-    assert drawn[drawn.index("4. The advantages"):] in (HERE / "README.md").read_text()  # the last two
+    assert drawn in (ROOT / "docs" / "pictures.md").read_text()  # all five
+    assert drawn[drawn.index("4. The advantages"):] in (ROOT / "README.md").read_text()  # the last two
     assert "A=+" in drawn and "pruned" in drawn and "EOS" in drawn  # a tree worth looking at
 
 
@@ -170,7 +170,7 @@ def test_this_grpo_computes_what_trls_does(model_dir):
     """The peer check (bench_trl.py --check): on one step's 64 answers, backward_loss (tau 0) and TRL's
     GRPOTrainer give the same loss and gradient, and TRL's sampling draws the same answers."""
     trl = pytest.importorskip("trl")
-    import bench_trl
+    from bench import bench_trl
     figures = bench_trl.check(trl, model_dir)
     assert figures["loss"] == pytest.approx(figures["trl_loss"], abs=1e-6)
     assert figures["relative_difference"] < 1e-4 and figures["grad_norm"] > 0.1

@@ -8,8 +8,8 @@ import torch
 
 import treepo
 from test_treerpo import PROMPTS, eos_biased, greedy_reference, teacher_forced
-from tiny import byte_tokenizer, tiny_model
-from pictures import format_budgeted_tree
+from offline.tiny import byte_tokenizer, tiny_model
+from pictures.tree_text import format_budgeted_tree
 from treepo import (BudgetedNode, allocate, assign_treepo_advantages, has_repetition,
                     path_trees, sample_budgeted_trees)
 from treerpo import backward_loss, leaf_path_rows, leaves, nodes, path_from_root, response_tokens, sample_trees

@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from reward import chat_prompt, gsm8k_reward
-from tiny import byte_tokenizer, tiny_model
+from offline.tiny import byte_tokenizer, tiny_model
 from treerpo import (TreeNode, assign_advantages, leaves, mean_and_std, nodes, packed_rows, response_tokens,
                      sample_trees)
 

@@ -25,8 +25,8 @@ import statistics
 from pathlib import Path
 
 from reward import intermediate_result, numbers_in, reference_answer
-from pictures import format_tree
-from plots import read_records
+from pictures.tree_text import format_tree
+from pictures.plots import read_records
 from treerpo import TreeNode
 
 CLASSES = ("right intermediate", "final answer", "wrong number", "no result yet")

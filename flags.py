@@ -1,0 +1,141 @@
+"""The demo's command line: a flag for every field of `train_gsm8k.Config`, each checked before
+anything is loaded, so that a mistake costs a second, not a model load.
+
+Every refusal is one line (`--help` lists the flags): a number out of range, a local path that does
+not exist, a tree too big to sample, an --out that cannot be written or that holds another run.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import run_folder
+from reward import local_data_files
+from treerpo import check_rows
+
+
+def knob(default, help: str, choices=None, at_least=None, above=None):
+    """A Config field: its default, its --help text, and the values its flag takes."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above))
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints its 20-line usage first; the message is what helps
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(config_class, smoke_defaults: dict, argv, description: str):
+    """The config from the command line, and the folders of --plot (None when not plotting).
+    A bad flag exits here with one line (status 2), before any model or data is loaded.
+    (transformers.HfArgumentParser reads a dataclass too, but lists every flag twice, --lora_rank
+    and --lora-rank, and makes each switch take a value: --smoke [SMOKE].)"""
+    parser = OneLineErrors(prog="train_gsm8k.py", description=description,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plot", nargs="+", metavar="OUT_DIR",
+                        help="plot the curves of these runs' metrics.jsonl into <first>/curves.png, and exit")
+    for knob_field in dataclasses.fields(config_class):
+        flag, meta = "--" + knob_field.name.replace("_", "-"), knob_field.metadata
+        if knob_field.type is bool:  # every switch is off by default
+            parser.add_argument(flag, action="store_true", help=meta["help"])
+        else:
+            parser.add_argument(flag, type=knob_field.type, default=knob_field.default, choices=meta["choices"],
+                                help=f"{meta['help']} (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.smoke:  # the smoke defaults, then the command line again on top
+        parser.set_defaults(**smoke_defaults)
+        args = parser.parse_args(argv)
+    plot_dirs = vars(args).pop("plot")
+    cfg = config_class(**vars(args))
+    if cfg.smoke and not cfg.resume:  # re-runnable as written: it starts over, but only over a smoke run
+        cfg.overwrite = cfg.overwrite or holds_smoke_run(Path(cfg.out))
+    problem = plot_problem(plot_dirs) if plot_dirs else config_problem(config_class, cfg)
+    if problem:
+        parser.error(problem)
+    return cfg, plot_dirs
+
+
+def config_problem(config_class, cfg) -> str | None:
+    """What is wrong with `cfg`, in one line, or None. Cheap checks only: nothing is loaded."""
+    for knob_field in dataclasses.fields(config_class):
+        value, low, above = getattr(cfg, knob_field.name), knob_field.metadata["at_least"], knob_field.metadata["above"]
+        if (low is not None and not (math.isfinite(value) and value >= low)) or \
+                (above is not None and not (math.isfinite(value) and value > above)):
+            wanted = f">= {low}" if low is not None else f"> {above}"
+            return f"--{knob_field.name.replace('_', '-')} must be {wanted}, got {value}"
+    if cfg.lora_rank and importlib.util.find_spec("peft") is None:
+        return "--lora-rank needs peft, an optional dependency: pip install peft"
+    for flag, name in (("--model", cfg.model), ("--data", cfg.data)):
+        if looks_local(name) and not Path(name).exists() and "," not in name:
+            return f"{flag} {name}: no such file or folder (a hub name is namespace/name)"
+    for split, path in (local_data_files(cfg.data) or {}).items():
+        if not path.is_file():
+            return f"--data {cfg.data}: no {split} file at {path} (GSM8K-format JSON Lines expected)"
+    prompts = min(cfg.sample_batch_size, cfg.prompts_per_step)
+    per_prompt = cfg.branch ** cfg.depth if cfg.method == "treerpo" else cfg.width
+    try:  # the sampler's own check, before the model is loaded
+        check_rows(prompts * per_prompt, 4096, f"--sample-batch-size {prompts} x {per_prompt} answers a question")
+    except ValueError as error:
+        return f"{error} (--branch, --depth, --width)"
+    return out_problem(cfg)
+
+
+def looks_local(name: str) -> bool:
+    """A path, not a hub name: it starts like one (/ ./ ../ ~), has more than one '/', or its first
+    part is a folder here (`out/smolm2`: a misspelt local folder, not the hub user "out")."""
+    return (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+            or ("/" in name and Path(name.split("/")[0]).is_dir()))
+
+
+def holds_smoke_run(out: Path) -> bool:
+    """Whether `out` holds no run, or only a --smoke run (its run.json says so)."""
+    if not (out / "metrics.jsonl").exists():
+        return True
+    try:
+        return json.loads((out / "run.json").read_text()).get("smoke") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def out_problem(cfg) -> str | None:
+    """--out must be creatable, and must not hold another run unless --resume or --overwrite says
+    what to do; a --resume checkpoint must be there (its files are checked before loading)."""
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        return "--resume and --overwrite contradict each other: choose one"
+    if cfg.resume:
+        try:
+            checkpoint = run_folder.newest_checkpoint(out, hashes=False)
+        except SystemExit as error:
+            return str(error)
+        if checkpoint is None:
+            return f"--resume: no checkpoint in {out}; run without --resume first"
+        step = run_folder.checkpoint_step(checkpoint)
+        if step >= cfg.steps:
+            return f"--resume: the run in {out} already reached step {step} of --steps {cfg.steps}; raise --steps to go on"
+    elif not cfg.overwrite and (out / "metrics.jsonl").exists():
+        return (f"--out {out} already holds a run (metrics.jsonl): pass --resume to continue it, "
+                "--overwrite to delete it and start over, or another --out")
+    return creatable_problem(out)
+
+
+def creatable_problem(out: Path) -> str | None:
+    """Whether `out` can be created and written, tried for real (os.access says yes to root even on
+    a read-only disk): a file is made and deleted in its nearest existing folder."""
+    existing = next(folder for folder in [out, *out.absolute().parents] if folder.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"--out {out}: cannot create a folder there ({error})"
+    return None
+
+
+def plot_problem(plot_dirs: list[str]) -> str | None:
+    missing = [folder for folder in plot_dirs if not (Path(folder) / "metrics.jsonl").is_file()]
+    return f"--plot: no metrics.jsonl in {', '.join(missing)}" if missing else None
