@@ -10,7 +10,9 @@ import dataclasses
 import importlib.util
 import json
 import math
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import run_folder
@@ -74,6 +76,9 @@ def config_problem(config_class, cfg) -> str | None:
     for split, path in (local_data_files(cfg.data) or {}).items():
         if not path.is_file():
             return f"--data {cfg.data}: no {split} file at {path} (GSM8K-format JSON Lines expected)"
+    problem = hub_problem(cfg)
+    if problem:
+        return problem
     prompts = min(cfg.sample_batch_size, cfg.prompts_per_step)
     per_prompt = cfg.branch ** cfg.depth if cfg.method == "treerpo" else cfg.width
     try:  # the sampler's own check, before the model is loaded
@@ -88,6 +93,33 @@ def looks_local(name: str) -> bool:
     part is a folder here (`out/smolm2`: a misspelt local folder, not the hub user "out")."""
     return (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
             or ("/" in name and Path(name.split("/")[0]).is_dir()))
+
+
+def hub_problem(cfg, timeout: float = 5.0) -> str | None:
+    """One short attempt to reach the Hugging Face hub, where --model or --data names something to
+    download (not a local path, nor a model in the local cache): without it, a machine with no
+    network spends a minute on the hub client's retries before its error. HF_HUB_OFFLINE=1 (use
+    the cache only) skips the attempt."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    model_cached = cfg.model == "tiny" or Path(cfg.model).exists() or cached(try_to_load_from_cache, cfg.model)
+    data_local = cfg.data in ("smoke", "easy", "steps") or local_data_files(cfg.data) is not None
+    if constants.HF_HUB_OFFLINE or (model_cached and data_local):
+        return None
+    host = urllib.parse.urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((host.hostname, host.port or 443), timeout=timeout).close()
+        return None
+    except OSError as error:
+        flag, name = ("--model", cfg.model) if not model_cached else ("--data", cfg.data)
+        return (f"{flag} {name}: the Hugging Face hub ({host.hostname}) cannot be reached ({error}); check the "
+                "network, pass a local folder, or set HF_HUB_OFFLINE=1 to load a cached copy")
+
+
+def cached(try_to_load_from_cache, name: str) -> bool:
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid hub name either
+        return False
 
 
 def holds_smoke_run(out: Path) -> bool:

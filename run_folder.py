@@ -14,6 +14,7 @@ checkpoint behind. `newest_checkpoint` checks every file against the manifest be
 loads it, and says in one line what is wrong and how to go on.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -28,6 +29,9 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
+from tqdm import tqdm
+
+from treerpo import nodes
 
 MANIFEST = "manifest.json"
 PREFIX = "checkpoint-"
@@ -35,6 +39,20 @@ PREFIX = "checkpoint-"
 
 # ----------------------------------------------------------------------------------------------
 # One run per folder
+
+
+@contextlib.contextmanager
+def opened(out: Path, overwrite: bool, resume: bool):
+    """Hold <out> for a run (created if need be, locked); clear it (--overwrite) or give the newest
+    checkpoint (--resume: checked file by file before anything loads), else None."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = take_lock(out)  # before anything in the folder is touched
+    try:
+        if overwrite:
+            clear_run(out)
+        yield newest_checkpoint(out) if resume else None
+    finally:
+        lock.release()
 
 
 def take_lock(out: Path) -> FileLock:
@@ -162,6 +180,27 @@ def json_record(record: dict) -> str:
     return json.dumps({key: plain(value) for key, value in record.items()}, allow_nan=False)
 
 
+def append_record(metrics_file, record: dict, records: int) -> int:
+    """Append `record` to metrics.jsonl, flushed (a crash or Ctrl-C keeps every finished step); returns
+    how many records the file holds now."""
+    metrics_file.write(json_record(record) + "\n")
+    metrics_file.flush()
+    return records + 1
+
+
+def append_trees(path: Path, step: int, roots: list, problems: list[dict]):
+    """A line of <out>/trees.jsonl (--save-trees): the step's trees, each with its problem and its nodes
+    depth-first: the index of the parent (-1: the prompt), token ids, reward, value, advantage."""
+    trees = []
+    for root, problem in zip(roots, problems):
+        index = {node: number for number, node in enumerate(nodes(root))}
+        trees.append({"question": problem["question"], "answer": problem["answer"], "nodes": [
+            {"parent": index.get(node.parent, -1), "tokens": node.tokens, "finished": node.finished,
+             "reward": node.reward, "value": node.value, "advantage": node.advantage} for node in index]})
+    with open(path, "a") as file:
+        file.write(json.dumps({"step": step, "trees": trees}) + "\n")
+
+
 def trim_records(path: Path, records: int) -> int:
     """Keep the first `records` lines of a JSON Lines file (<out>/metrics.jsonl: those the checkpoint
     saw); move any later line, and a partial last line, to <name>.discarded.jsonl beside it. Returns
@@ -180,6 +219,28 @@ def trim_records(path: Path, records: int) -> int:
             file.write(b"".join(line + b"\n" for line in moved))
     _write_synced(path, b"".join(line + b"\n" for line in kept).decode())
     return len(kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run gone wrong says so in one line
+
+
+def check_health(history: list[dict], patience: int = 3) -> str | None:
+    """Why the run must stop after the last step record, or None: `patience` steps in a row that were
+    not applied (a non-finite loss or gradient). The first time `patience` steps in a row trained
+    nothing, one warning line says what that means."""
+    if len(history) >= patience and all(record["skipped"] for record in history[-patience:]):
+        return (f"steps {history[-patience]['step']}-{history[-1]['step']} had a non-finite loss or gradient norm, so "
+                "none was applied. Likely causes: a learning rate too high (--lr), a temperature too low, or a reward "
+                "that is not finite.")
+    idle = [not record["skipped"] and (record["tokens"] == 0 or record["grad_norm"] == 0) for record in history]
+    idle_runs = [all(idle[end - patience:end]) for end in range(patience, len(idle) + 1)]
+    if idle_runs and idle_runs[-1] and idle_runs.count(True) == 1:  # the first time only
+        tqdm.write(f"warning: steps {history[-patience]['step']}-{history[-1]['step']} trained nothing (no counted "
+                   "token or a zero gradient): every sibling group had equal rewards. If the reward is 0 everywhere, "
+                   "the model may have collapsed (try a lower --lr) or the task is out of its reach; if it is 1 "
+                   "everywhere, the task is too easy.", file=sys.stderr)  # tqdm.write: below the progress bar
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,8 +309,8 @@ def resume_run(checkpoint: Path, optimizer, out: Path) -> tuple[int, int]:
     records = trim_records(out / "metrics.jsonl", run_state["metrics_records"])
     trim_records(out / "trees.jsonl", run_state["step"])
     if records < run_state["metrics_records"]:
-        print(f"note: metrics.jsonl held {records} of the {run_state['metrics_records']} records "
-              f"{checkpoint.name} was saved after", file=sys.stderr)
+        tqdm.write(f"note: metrics.jsonl held {records} of the {run_state['metrics_records']} records "
+                   f"{checkpoint.name} was saved after", file=sys.stderr)
     return run_state["step"], records
 
 
@@ -272,3 +333,17 @@ def where_to_go_on(out: Path, argv: list[str]) -> str:
     if not checkpoints:
         return f"No checkpoint was saved yet; start over with: python train_gsm8k.py {shlex.join(argv)} --overwrite"
     return f"The last complete checkpoint is {checkpoints[-1]}; resume with: {resume_command(argv)}"
+
+
+def closing_line(out: Path, first_step: int, steps: int, seconds: float) -> str:
+    """Where the results are, the held-out scores before and after, and the time taken."""
+    evaluated = [record for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                 if "eval_lenient" in record]
+    scores = {kind: " -> ".join(f"{record[f'eval_{kind}']:.0%}" for record in (evaluated[0], evaluated[-1]))
+              for kind in ("strict", "lenient")}
+    done = f"steps {first_step + 1}-{steps}" if steps > first_step else "the evaluation only"
+    took = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+    checkpoints = sorted(out.glob(f"{PREFIX}*"))
+    return (f"done: {done} in {took}; held-out Pass@1 ({evaluated[-1]['eval_questions']} questions) strict "
+            f"{scores['strict']}, lenient {scores['lenient']}; metrics in {out / 'metrics.jsonl'}"
+            + (f", checkpoint {checkpoints[-1]}" if checkpoints else ""))

@@ -935,6 +935,29 @@ def test_script_errors_are_clear(tmp_path, monkeypatch, capsys):
         train_gsm8k.load_model_and_tokenizer(train_gsm8k.Config(model="no-such/model"))
 
 
+def test_an_unreachable_hub_is_one_short_attempt(tmp_path, capsys, monkeypatch):
+    """A hub name with no network: one connection attempt of 5 s and a one-line error, not a minute
+    of the hub client's retries; HF_HUB_OFFLINE=1 makes no attempt."""
+    import flags
+    import train_gsm8k
+    from huggingface_hub import constants
+    attempts = []
+
+    def unreachable(address, timeout):
+        attempts.append((address, timeout))
+        raise OSError("no route to host")
+    monkeypatch.setattr(flags.socket, "create_connection", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    line = refused(["--model", "someone/model", "--data", "easy", "--device", "cpu", "--out", str(tmp_path / "a")],
+                   capsys, monkeypatch)
+    assert "--model someone/model: the Hugging Face hub (huggingface.co) cannot be reached (no route to host)" in line
+    assert attempts == [(("huggingface.co", 443), 5.0)]
+    assert "--data openai/gsm8k: the Hugging Face hub" in refused(
+        ["--smoke", "--data", "openai/gsm8k", "--out", str(tmp_path / "b")], capsys, monkeypatch)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert flags.hub_problem(train_gsm8k.Config(model="someone/model")) is None and len(attempts) == 2
+
+
 def refused(argv, capsys, monkeypatch) -> str:
     """Run train_gsm8k.main(argv), which must refuse it argparse-style (exit 2, one "error:" line)
     before loading any data or model; returns that line."""

@@ -112,14 +112,8 @@ SMOKE = dict(model="tiny", data="smoke", out="out/smoke", branch=2, depth=2, seg
 def train(cfg: Config, argv: list[str] = ()) -> dict | None:
     """The run, from step 0 or from the newest checkpoint (--resume); returns the last record.
     argv: the command line, for the resume command that a stopped run prints."""
-    device = pick_device(cfg)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = run_folder.take_lock(out)  # one run per folder: before anything in it is touched
-    try:
-        if cfg.overwrite:
-            run_folder.clear_run(out)
-        checkpoint = run_folder.newest_checkpoint(out) if cfg.resume else None  # checked before any loading
+    device, out = pick_device(cfg), Path(cfg.out)
+    with run_folder.opened(out, overwrite=cfg.overwrite, resume=cfg.resume) as checkpoint:  # locked: one run a folder
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         train_problems = load_problems(cfg.data, "train")  # data first: a bad file fails before the model loads
@@ -137,9 +131,9 @@ def train(cfg: Config, argv: list[str] = ()) -> dict | None:
         with open(out / "metrics.jsonl", "a") as metrics, run_folder.GracefulStop() as stop:
             if first_step == 0:
                 record = {"step": 0, **evaluate(model, tokenizer, eval_problems, cfg, device)}
-                records = log(metrics, record, records)
-            bar = tqdm(range(first_step, cfg.steps), desc="training", initial=first_step, total=cfg.steps)
-            for step in range(first_step + 1, cfg.steps + 1):
+                records = run_folder.append_record(metrics, record, records)
+            steps = tqdm(range(first_step + 1, cfg.steps + 1), desc="training", initial=first_step, total=cfg.steps)
+            for step in steps:
                 problems = [train_problems[((step - 1) * cfg.prompts_per_step + i) % len(train_problems)]
                             for i in range(cfg.prompts_per_step)]
                 record, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)
@@ -149,26 +143,22 @@ def train(cfg: Config, argv: list[str] = ()) -> dict | None:
                     start = time.perf_counter()
                     record |= evaluate(model, tokenizer, eval_problems, cfg, device)
                     record["eval_s"] = time.perf_counter() - start
-                records = log(metrics, record, records)
+                records = run_folder.append_record(metrics, record, records)
                 history.append(record)
-                bar.update()
-                bar.set_postfix(reward=f"{record['reward']:.3f}", kept=record["kept_nodes"])
-                trouble = check_health(history)
+                steps.set_postfix(reward=f"{record['reward']:.3f}", kept=record["kept_nodes"])
+                trouble = run_folder.check_health(history)
                 if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or trouble:
                     saved = run_folder.save_run(out, step, model, tokenizer, optimizer, {
                         "step": step, "metrics_records": records, "config": dataclasses.asdict(cfg)})
                 if stop.requested:
-                    bar.close()
+                    steps.close()
                     print(f"stopped by {stop.requested} after step {step} of {cfg.steps}; checkpoint in {saved}. "
                           f"Resume with: {run_folder.resume_command(argv)}")
                     raise SystemExit(130)
                 if trouble:
                     raise SystemExit(f"{trouble} The last step's checkpoint is {saved}.")
-            bar.close()
-        print(closing_line(cfg, out, first_step, time.perf_counter() - started))
+        print(run_folder.closing_line(out, first_step, cfg.steps, time.perf_counter() - started))
         return record
-    finally:
-        lock.release()
 
 
 def train_step(model, ref_model, tokenizer, optimizer, problems: list[dict], cfg: Config, device: str):
@@ -279,24 +269,6 @@ def tree_metrics(roots, method: str) -> dict:
     return metrics
 
 
-def check_health(history: list[dict], patience: int = 3) -> str | None:
-    """Why the run must stop after the last step record, or None: `patience` steps in a row that were
-    not applied (a non-finite loss or gradient). The first time `patience` steps in a row trained
-    nothing, one warning line says what that means."""
-    if len(history) >= patience and all(record["skipped"] for record in history[-patience:]):
-        return (f"steps {history[-patience]['step']}-{history[-1]['step']} had a non-finite loss or gradient norm, so "
-                "none was applied. Likely causes: a learning rate too high (--lr), a temperature too low, or a reward "
-                "that is not finite.")
-    idle = [not record["skipped"] and (record["tokens"] == 0 or record["grad_norm"] == 0) for record in history]
-    idle_runs = [all(idle[end - patience:end]) for end in range(patience, len(idle) + 1)]
-    if idle_runs and idle_runs[-1] and idle_runs.count(True) == 1:  # the first time only
-        tqdm.write(f"warning: steps {history[-patience]['step']}-{history[-1]['step']} trained nothing (no counted "
-                   "token or a zero gradient): every sibling group had equal rewards. If the reward is 0 everywhere, "
-                   "the model may have collapsed (try a lower --lr) or the task is out of its reach; if it is 1 "
-                   "everywhere, the task is too easy.", file=sys.stderr)
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 # The models, the device, the records
 
@@ -376,16 +348,9 @@ def autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
 
-def log(metrics_file, record: dict, records: int) -> int:
-    """Append `record` to metrics.jsonl, flushed (a crash or Ctrl-C keeps every finished step)."""
-    metrics_file.write(run_folder.json_record(record) + "\n")
-    metrics_file.flush()
-    return records + 1
-
-
 def show_and_save_trees(roots, problems: list[dict], tokenizer, step: int, cfg: Config):
     """--show-tree-every: print the first tree and keep it in <out>/trees/step_K.txt. --save-trees:
-    every tree as JSON, nodes depth-first, each with its parent's index (-1: the prompt)."""
+    every tree as JSON in <out>/trees.jsonl."""
     if cfg.show_tree_every and step % cfg.show_tree_every == 0:
         from pictures.tree_text import format_tree
         text = f"step {step}, first question of the batch:\n{format_tree(roots[0], tokenizer, width=48)}\n"
@@ -393,28 +358,7 @@ def show_and_save_trees(roots, problems: list[dict], tokenizer, step: int, cfg: 
         (Path(cfg.out) / "trees").mkdir(exist_ok=True)
         (Path(cfg.out) / "trees" / f"step_{step}.txt").write_text(text)
     if cfg.save_trees:
-        trees = []
-        for root, problem in zip(roots, problems):
-            index = {node: number for number, node in enumerate(nodes(root))}
-            trees.append({"question": problem["question"], "answer": problem["answer"], "nodes": [
-                {"parent": index.get(node.parent, -1), "tokens": node.tokens, "finished": node.finished,
-                 "reward": node.reward, "value": node.value, "advantage": node.advantage} for node in index]})
-        with open(Path(cfg.out) / "trees.jsonl", "a") as file:
-            file.write(json.dumps({"step": step, "trees": trees}) + "\n")
-
-
-def closing_line(cfg: Config, out: Path, first_step: int, seconds: float) -> str:
-    """Where the results are, the held-out scores before and after, and the time taken."""
-    evaluated = [record for record in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                 if "eval_lenient" in record]
-    scores = {kind: " -> ".join(f"{record[f'eval_{kind}']:.0%}" for record in (evaluated[0], evaluated[-1]))
-              for kind in ("strict", "lenient")}
-    done = f"steps {first_step + 1}-{cfg.steps}" if cfg.steps > first_step else "the evaluation only"
-    took = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-    checkpoints = sorted(out.glob(f"{run_folder.PREFIX}*"))
-    return (f"done: {done} in {took}; held-out Pass@1 ({evaluated[-1]['eval_questions']} questions) strict "
-            f"{scores['strict']}, lenient {scores['lenient']}; metrics in {out / 'metrics.jsonl'}"
-            + (f", checkpoint {checkpoints[-1]}" if checkpoints else ""))
+        run_folder.append_trees(Path(cfg.out) / "trees.jsonl", step, roots, problems)
 
 
 def parse_args(argv) -> tuple[Config, list[str] | None]:

@@ -167,7 +167,7 @@ def encode_prompts(model, input_ids, attention_mask) -> DynamicCache:
     if input_ids.shape[1] > 1:
         # logits_to_keep=1: skip the (B, P, vocab) logits nobody reads (GBs for a 151k vocabulary).
         model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids(attention_mask[:, :-1]),
-              **cache_argument(model, cache), use_cache=True, **({"logits_to_keep": 1} if takes(model, "logits_to_keep") else {}))
+              **cache_argument(model, cache), use_cache=True, **logits_to_keep(model, 1))
     return cache
 
 
@@ -395,12 +395,9 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
         attention_mask = mask_for(model, attention_mask)
     # logits_to_keep: project onto the vocabulary only where a token is scored. The prompt's
     # positions need none; with Qwen's 151k vocabulary this cut the bench's loss step 12x (CPU).
-    if takes(model, "logits_to_keep"):
-        logits = model(input_ids, attention_mask=attention_mask, position_ids=positions,
-                       logits_to_keep=predictors).logits  # (rows, K, V)
-    else:  # the same values, from every position's logits
-        logits = model(input_ids, attention_mask=attention_mask, position_ids=positions).logits[:, predictors]
-    logits = logits.float() / temperature
+    keep = logits_to_keep(model, predictors)
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep).logits
+    logits = (logits if keep else logits[:, predictors]).float() / temperature  # (rows, K, V)
     targets = input_ids[:, columns, None]
     # log_softmax gathered at the target, without materialising a second (rows, K, V) tensor
     return (logits.gather(-1, targets) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
@@ -612,18 +609,20 @@ def cache_argument(model, cache) -> dict:
 def can_pack(models: list, trees: list[TreeNode], packed: bool | None) -> bool:
     """Whether the loss trains packed rows. Each model must read a custom 4D mask (sdpa, eager) and
     slide no attention window shorter than the longest path: the tree mask replaces the model's
-    own, window included, so a Mistral or Gemma window would be lost. packed=True: refuse if not."""
+    own, window included (Mistral, Gemma). packed=True: a ValueError if not."""
     longest = max(len(root.tokens) + len(response_tokens(leaf)) for root in trees for leaf in leaves(root))
     for model in models:
         attention, window = getattr(getattr(model, "config", None), "_attn_implementation", None), sliding_window(model)
-        problem = (f"attention {attention!r} takes no custom 4D mask (load the model with attn_implementation='sdpa' "
-                   "or 'eager')" if attention not in ("sdpa", "eager") else
-                   f"a path of {longest} tokens is longer than the model's sliding window of {window}"
-                   if window is not None and longest > window else None)
-        if problem and packed:
+        if attention not in ("sdpa", "eager"):
+            problem = (f"attention {attention!r} takes no custom 4D mask (load the model with "
+                       "attn_implementation='sdpa' or 'eager')")
+        elif window is not None and longest > window:
+            problem = f"a path of {longest} tokens is longer than the model's sliding window of {window}"
+        else:
+            continue
+        if packed:
             raise ValueError(f"packed=True: {problem}; packed=False trains leaf paths, with the same result")
-        if problem:
-            return False
+        return False
     return packed is not False
 
 
@@ -646,7 +645,9 @@ def mask_for(model, sees: torch.Tensor) -> torch.Tensor:
     return torch.zeros(sees.shape, device=sees.device).masked_fill(~sees, torch.finfo(torch.float32).min)
 
 
-def takes(model, keyword: str) -> bool:
-    """Whether `model`'s forward takes `keyword` (by name, or through **kwargs)."""
+def logits_to_keep(model, columns) -> dict:
+    """`logits_to_keep=columns` where the forward takes it (by name or **kwargs), else nothing: the
+    model then computes every position's logits (the same values, more memory)."""
     parameters = inspect.signature(getattr(model, "forward", model)).parameters
-    return keyword in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    takes = "logits_to_keep" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    return {"logits_to_keep": columns} if takes else {}
