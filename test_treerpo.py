@@ -1,4 +1,4 @@
-"""Tests for treerpo.py: CPU, offline, tiny random models (see tiny.py). Run: python -m pytest -q"""
+"""Tests for treerpo.py: CPU, offline, tiny random models (see offline/tiny.py). Run: python -m pytest -q"""
 
 import doctest
 import math
@@ -970,7 +970,8 @@ def refused(argv, capsys, monkeypatch) -> str:
     with pytest.raises(SystemExit) as exit_info:
         train_gsm8k.main(argv)
     assert exit_info.value.code == 2
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    (line,) = capsys.readouterr().err.splitlines()  # the error alone: argparse's usage block only on --help
+    assert line.startswith("train_gsm8k.py: error: ")
     return line
 
 
@@ -1193,7 +1194,7 @@ def test_help_lists_every_knob_with_its_default(capsys, tmp_path):
     assert smoke.overwrite  # --smoke starts over each time (its --resume is tested with the smoke run)
 
 
-# bench.py ------------------------------------------------------------------------------------
+# bench/bench.py ------------------------------------------------------------------------------------
 
 
 def test_bench_quick_prints_one_json_line_of_figures():
@@ -1210,9 +1211,32 @@ def test_bench_quick_prints_one_json_line_of_figures():
         assert case["tree"]["tokens"] == 2 * (2 + 4) * 4  # prompts x segments x L: no EOS at this vocab
 
 
+def test_the_drawn_tree_has_a_box_a_node_coloured_by_advantage(tmp_path):
+    """pictures.draw_tree: leaves one a row top to bottom, a parent level with the middle of its
+    children; each box holds the segment, V and A (or "pruned"); green above 0, red below, grey pruned."""
+    pytest.importorskip("matplotlib")
+    from pictures import draw_tree
+    tokenizer = byte_tokenizer()
+    root = TreeNode(tokens=tokenizer("Q: 2+3?", add_special_tokens=False).input_ids)
+    a = add(root, tokenizer(" 2+3 is\n5", add_special_tokens=False).input_ids)
+    add(a, [65], 1.0), add(a, [66], 0.0)
+    b = add(root, [67])
+    add(b, [68], 0.0), add(b, [69], 0.0)
+    assign_advantages(root)
+    rows = draw_tree.node_rows(root)
+    assert [rows[leaf] for leaf in leaves(root)] == [0, 1, 2, 3] and rows[a] == 0.5 and rows[root] == 1.5
+    assert draw_tree.box_text(a, tokenizer, None) == "2+3 is ↵ 5\nV=0.50  A=+0.71"
+    assert draw_tree.box_text(b.children[0], tokenizer, None).endswith("r=0  V=0.00  pruned")
+    colours = lambda share: share  # noqa: E731  the colour map's position: 0 red, 0.5 neutral, 1 green
+    assert draw_tree.box_colour(a, colours) > 0.5 > draw_tree.box_colour(b, colours)
+    assert draw_tree.box_colour(b.children[0], colours) == "#d9d9d9" and draw_tree.box_colour(root, colours) == "white"
+    path = draw_tree.draw_tree(root, tokenizer, str(tmp_path / "tree.png"), "a hand-made tree")
+    assert (tmp_path / "tree.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_python_pictures_py_shows_five_pictures_of_one_tree(capsys):
-    """`python pictures.py`: the README's five pictures, offline, from a tiny random model (the
-    README itself shows a real model's tree: test_real.py checks that one)."""
+    """`python -m pictures.tree_text`: the README's five pictures, offline, from a tiny random model (the
+    README itself shows a real model's tree: tests/test_real.py checks that one)."""
     from pictures import tree_text as pictures
     pictures.main([])
     pictures = capsys.readouterr().out

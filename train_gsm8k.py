@@ -157,7 +157,8 @@ def train(cfg: Config, argv: list[str] = ()) -> dict | None:
                     raise SystemExit(130)
                 if trouble:
                     raise SystemExit(f"{trouble} The last step's checkpoint is {saved}.")
-        print(run_folder.closing_line(out, first_step, cfg.steps, time.perf_counter() - started))
+        print(run_folder.closing_line(out, first_step, cfg.steps, time.perf_counter() - started)
+              + (" (a smoke run: a tiny random model answers nothing; it checks that every path runs)" if cfg.smoke else ""))
         return record
 
 

@@ -7,13 +7,13 @@ For the same prompts and the same number of leaves per prompt (branch**depth):
 and the loss step (teacher-forced forward + backward over every node of the trees).
 Ideal (a)/(c) from token counts: sum_d N^d L / (N^D D L).
 
-    python bench.py                 # CPU: tiny and Qwen-size (151,936) vocabularies, N=2 and N=4, D=3
-    python bench.py --quick         # seconds; CI runs it
-    python bench.py --device cuda --model qwen2.5-0.5b   # GPU: Qwen2.5-0.5B's config, random weights
-    python bench.py --model out/smollm2 --prompts 4      # a real model folder (smollm2.py)
-    python bench.py --model out/smollm2 --loss-rows      # the loss step: leaf paths vs packed rows, recipe shapes
-    python bench.py --model qwen2.5-0.5b --loss-memory   # its peak memory at the demo's default tree
-    python bench.py --model out/smollm2 --profile-sampling   # where one level of generate spends its time
+    python -m bench.bench                 # CPU: tiny and Qwen-size (151,936) vocabularies, N=2 and N=4, D=3
+    python -m bench.bench --quick         # seconds; CI runs it
+    python -m bench.bench --device cuda --model qwen2.5-0.5b   # GPU: Qwen2.5-0.5B's config, random weights
+    python -m bench.bench --model out/smollm2 --prompts 4      # a real model folder (offline/smollm2.py)
+    python -m bench.bench --model out/smollm2 --loss-rows      # the loss step: leaf paths vs packed rows, recipe shapes
+    python -m bench.bench --model qwen2.5-0.5b --loss-memory   # its peak memory at the demo's default tree
+    python -m bench.bench --model out/smollm2 --profile-sampling   # where one level of generate spends its time
 
 The last line printed is one JSON object with every figure.
 """
@@ -42,7 +42,7 @@ QWEN_VOCAB = 151_936
 
 def make_model(name: str, vocab_size: int, device: str):
     """'tiny': hidden 64, 2 layers. 'qwen2.5-0.5b': Qwen2.5-0.5B's config (494M), random weights.
-    Anything else: a local model folder (e.g. `python smollm2.py out/smollm2`)."""
+    Anything else: a local model folder (e.g. `python -m offline.smollm2 out/smollm2`)."""
     if name == "tiny":
         return tiny_model(vocab_size, init_std=0.02).to(device)
     if name != "qwen2.5-0.5b":

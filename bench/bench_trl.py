@@ -6,8 +6,8 @@ metrics.jsonl like train_gsm8k.py's (held-out accuracy by this repository's own 
 per step), so the two can be compared run by run and plotted together with `train_gsm8k.py --plot`.
 
     pip install trl==1.16.0                                   # optional: only this script needs it
-    python bench_trl.py --model out/smollm2 --seed 0 --out out/peer/trl-s0
-    python bench_trl.py --model out/smollm2 --check          # the same answers: same loss and gradient?
+    python -m bench.bench_trl --model out/smollm2 --seed 0 --out out/peer/trl-s0
+    python -m bench.bench_trl --model out/smollm2 --check          # the same answers: same loss and gradient?
 
 Held equal with `train_gsm8k.py --method grpo --width 8` and the recipe's flags: the model folder,
 the `--data easy` train problems in the script's order (8 a step), the brief system prompt, 8
@@ -124,7 +124,7 @@ def main():
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     except ImportError:
-        raise SystemExit("bench_trl.py needs TRL, an optional dependency: pip install trl==1.16.0")
+        raise SystemExit("bench/bench_trl.py needs TRL, an optional dependency: pip install trl==1.16.0")
     if args.check:
         figures = check(trl, args.model)
         print(f"same {figures['answers']} answers: loss {figures['loss']:.6f} here, {figures['trl_loss']:.6f} TRL; "

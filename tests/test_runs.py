@@ -1,5 +1,5 @@
 """A training run never loses work and never resumes wrong: faults injected into train_gsm8k.py's
---smoke run, in this process (tiny model, CPU, seconds each). Run: python -m pytest -q test_runs.py"""
+--smoke run, in this process (tiny model, CPU, seconds each). Run: python -m pytest -q tests/test_runs.py"""
 
 import errno
 import json
