@@ -514,6 +514,30 @@ def test_the_reference_gets_the_mask_its_own_attention_reads(tokenizer):
         assert stats["packed"] is True and stats["kl"] == pytest.approx(expected, rel=1e-4) and expected > 0
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_logits_in_chunks_equal_logits_at_once(tokenizer, arch):
+    """Past chunk_size scored positions the output projection runs a chunk at a time (recomputed in
+    the backward pass): the same log-probs and gradients, and no call sees more than a chunk."""
+    model = tiny_model(len(tokenizer), arch=arch)
+    input_ids = torch.randint(len(tokenizer), (2, 30), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    results, seen = [], []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[1]))
+    for chunk_size in (10**6, 7):
+        model.zero_grad()
+        seen.clear()
+        logprobs = treerpo.token_logprobs(model, input_ids, attention_mask, temperature=0.7, chunk_size=chunk_size)
+        (logprobs * torch.linspace(-1, 1, logprobs.shape[1])).sum().backward()
+        results.append((logprobs.detach(), [p.grad.clone() for p in model.parameters()], list(seen)))
+    hook.remove()
+    (whole, whole_grads, whole_calls), (chunked, chunked_grads, chunked_calls) = results
+    torch.testing.assert_close(chunked, whole)
+    for chunked_grad, whole_grad in zip(chunked_grads, whole_grads):
+        torch.testing.assert_close(chunked_grad, whole_grad, atol=1e-5, rtol=1e-4)  # summed in another order
+    assert whole_calls == [29] and max(chunked_calls) == 7 and sum(chunked_calls) == 2 * 29  # recomputed once
+    assert isinstance(model.get_output_embeddings(), torch.nn.Linear)  # the head is back
+
+
 class WithoutLogitsToKeep(torch.nn.Module):
     """A causal LM whose forward takes no logits_to_keep (and no **kwargs)."""
 

@@ -26,12 +26,14 @@ Gemma): elsewhere the loss trains leaf paths, with the same result. A forward wi
 `logits_to_keep` works too, computing every position's logits (more memory).
 """
 
+import contextlib
 import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 NORMS = ("std", "bernoulli", "none")
@@ -379,13 +381,15 @@ def tree_mask(row: dict) -> torch.Tensor:
 
 
 def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, columns=None, predictors=None,
-                   positions=None):
+                   positions=None, chunk_size: int = 1024):
     """Teacher-forced log p(token | the tokens before it) under softmax(logits / temperature).
 
     input_ids: (rows, T); attention_mask: (rows, T), or a packed row's (1, 1, T, T) "may attend" (bool).
     columns: the columns t to score, (K,); by default 1 .. T-1. predictors: (K,) the column whose
     logits predict each, by default t - 1 (in a packed row a segment's first token follows its
     parent's last). positions: (rows, T) position ids, by default from the mask. Returns (rows, K).
+    chunk_size: past this many scored positions, the output projection runs in chunks of them
+    (where the logits are plain head(hidden)), so that the (rows, K, vocab) logits never exist at once.
     """
     if columns is None:
         columns = torch.arange(1, input_ids.shape[1], device=input_ids.device)
@@ -393,14 +397,36 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
     positions = position_ids(attention_mask) if positions is None else positions
     if attention_mask.dim() == 4:  # in the form this model's attention reads: policy and reference may differ
         attention_mask = mask_for(model, attention_mask)
+    targets = input_ids[:, columns]  # (rows, K)
     # logits_to_keep: project onto the vocabulary only where a token is scored. The prompt's
     # positions need none; with Qwen's 151k vocabulary this cut the bench's loss step 12x (CPU).
-    keep = logits_to_keep(model, predictors)
+    keep, head = logits_to_keep(model, predictors), plain_output_head(model)
+    if keep and len(columns) > chunk_size and head is not None:
+        with hidden_states_out(model, head):
+            hidden = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep).logits  # (rows,K,H)
+        return torch.cat([chunk_logprobs(head, hidden[:, start:start + chunk_size],
+                                         targets[:, start:start + chunk_size], temperature)
+                          for start in range(0, len(columns), chunk_size)], dim=1)
     logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep).logits
-    logits = (logits if keep else logits[:, predictors]).float() / temperature  # (rows, K, V)
-    targets = input_ids[:, columns, None]
-    # log_softmax gathered at the target, without materialising a second (rows, K, V) tensor
-    return (logits.gather(-1, targets) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+    return target_logprobs(logits if keep else logits[:, predictors], targets, temperature)
+
+
+def target_logprobs(logits, targets, temperature: float):
+    """log_softmax(logits / temperature) at the targets: (rows, K, V), (rows, K) -> (rows, K), without
+    materialising a second (rows, K, V) tensor of log-probs."""
+    logits = logits.float() / temperature
+    return (logits.gather(-1, targets[..., None]) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+
+
+def chunk_logprobs(head, hidden, targets, temperature: float):
+    """target_logprobs of head(hidden) for one chunk of positions, hidden: (rows, C, H). Under autograd
+    the chunk's logits are recomputed in the backward pass instead of kept (activation
+    checkpointing): at Qwen's 151,936 tokens a 4,096-position row's fp32 logits are 2.5 GB a copy."""
+    def logprobs(hidden):
+        return target_logprobs(head(hidden), targets, temperature)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return torch.utils.checkpoint.checkpoint(logprobs, hidden, use_reentrant=False)
+    return logprobs(hidden)
 
 
 def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None, clip_eps=0.2, kl_coef=0.0):
@@ -651,3 +677,22 @@ def logits_to_keep(model, columns) -> dict:
     parameters = inspect.signature(getattr(model, "forward", model)).parameters
     takes = "logits_to_keep" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     return {"logits_to_keep": columns} if takes else {}
+
+
+def plain_output_head(model):
+    """The model's output projection when its logits are exactly head(last hidden state), else None
+    (Gemma 2's soft-capping, Cohere's and Granite's scaling, a head that is not a Linear layer)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    scaled = any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return head if isinstance(head, torch.nn.Linear) and not scaled else None
+
+
+@contextlib.contextmanager
+def hidden_states_out(model, head):
+    """While inside, `model`'s forward returns its last hidden states in place of logits."""
+    model.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield
+    finally:
+        model.set_output_embeddings(head)
