@@ -617,7 +617,7 @@ def test_treerpo_learns_a_toy_task(tokenizer):
 
 def test_a_lora_model_needs_no_change(tokenizer):
     peft = pytest.importorskip("peft")
-    from train_gsm8k import adapters_off
+    from demo.models import adapters_off
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
     model = peft.get_peft_model(eos_biased(tiny_model(len(tokenizer)), tokenizer), config)
     with torch.no_grad():  # LoRA starts as a no-op (B = 0): give the adapters weight, so they matter
@@ -962,7 +962,7 @@ def test_script_errors_are_clear(tmp_path, monkeypatch, capsys):
 def test_an_unreachable_hub_is_one_short_attempt(tmp_path, capsys, monkeypatch):
     """A hub name with no network: one connection attempt of 5 s and a one-line error, not a minute
     of the hub client's retries; HF_HUB_OFFLINE=1 makes no attempt."""
-    import flags
+    from demo import flags
     import train_gsm8k
     from huggingface_hub import constants
     attempts = []

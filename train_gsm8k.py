@@ -13,14 +13,15 @@ Each step of the loop (`train`), for --prompts-per-step questions:
     loss       PPO-clip on every kept segment, back-propagated (treerpo.backward_loss)
     update     one AdamW step, never with a loss or gradient that is not finite
     evaluate   greedy Pass@1 on held-out questions before, every --eval-every steps and at the end
-    save       an atomic checkpoint every --save-every steps (run_folder.py); --resume goes on exactly
+    save       an atomic checkpoint every --save-every steps (demo/run_folder.py); --resume goes on exactly
 It writes <out>/metrics.jsonl, a JSON record per step, and <out>/checkpoint-<step>/. Every knob is a
-field of Config and a flag; flags.py checks them all before anything is loaded.
+field of Config and a flag; demo/flags.py checks them all before anything is loaded.
 """
 
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -30,12 +31,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import run_folder
 import treepo
-import flags
-from flags import knob
+from demo import distributed, flags, gpu, run_folder
+from demo.flags import knob
+from demo.models import load_model_and_tokenizer, reference_model, trainable
 from reward import chat_prompt, gsm8k_reward, load_problems
-from treerpo import NORMS, assign_advantages, backward_loss, leaves, nodes, response_tokens, reward_of, sample_trees
+from treerpo import (NORMS, assign_advantages, backward_loss, counted_tokens, leaves, nodes, response_tokens,
+                     reward_of, sample_trees)
 
 METHODS = ("treerpo", "grpo", "treepo")
 LOSS_ROWS = {"auto": None, "packed": True, "leaf-paths": False}  # --loss-rows -> backward_loss(packed=...)
@@ -74,7 +76,11 @@ class Config:
     loss_rows: str = knob("auto", "how the loss lays out the trees: packed (each segment once, under a tree mask: "
                                   "needs sdpa or eager attention), leaf-paths (one row per leaf, any attention), "
                                   "or auto (packed where the model allows)", choices=tuple(LOSS_ROWS))
-    max_row_tokens: int = knob(4096, "packed loss: tokens per row (one forward); bigger trees are split", at_least=1)
+    updates_per_batch: int = knob(1, "optimizer steps on each batch of trees (PPO's mu, TRL's num_iterations); 1: plain "
+                                     "policy gradient (ratio 1, nothing clipped); more records log-probs at sampling "
+                                     "and clips the ratio", at_least=1)
+    max_row_tokens: int = knob(2048, "packed loss: tokens per row (one forward); bigger trees are split (2048: the "
+                                     "0.5B step fits 24 GB, docs/cost.md)", at_least=1)
     micro_batch_size: int = knob(8, "leaf-paths loss: rows per forward/backward", at_least=1)
     lr: float = knob(1e-6, "AdamW learning rate, constant", above=0)
     weight_decay: float = knob(0.0, "AdamW weight decay", at_least=0)
@@ -111,93 +117,152 @@ SMOKE = dict(model="tiny", data="smoke", out="out/smoke", branch=2, depth=2, seg
 
 def train(cfg: Config, argv: list[str] = ()) -> dict | None:
     """The run, from step 0 or from the newest checkpoint (--resume); returns the last record.
-    argv: the command line, for the resume command that a stopped run prints."""
-    device, out = pick_device(cfg), Path(cfg.out)
-    with run_folder.opened(out, overwrite=cfg.overwrite, resume=cfg.resume) as checkpoint:  # locked: one run a folder
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
-        train_problems = load_problems(cfg.data, "train")  # data first: a bad file fails before the model loads
-        random.Random(cfg.seed).shuffle(train_problems)  # one fixed order, so a resumed run sees the next ones
-        eval_problems = load_problems(cfg.data, "test")[:cfg.eval_size]
-        model, tokenizer = load_model_and_tokenizer(cfg, checkpoint)
-        model.to(device)
-        optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        ref_model = reference_model(cfg, model, device)
-        # after every model is built (building the tiny model reseeds torch):
-        first_step, records = run_folder.resume_run(checkpoint, optimizer, out) if checkpoint else (0, 0)
-        (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))  # what this run is
+    argv: the command line, for the resume command that a stopped run prints. Under torchrun each
+    process runs this; process 0 owns the folder (demo/distributed.py)."""
+    rank, world, device = distributed.start(gpu.pick_device(cfg.device))
+    out, owner = Path(cfg.out), rank == 0
+    try:
+        with run_folder.opened(out, overwrite=cfg.overwrite, resume=cfg.resume, owner=owner) as checkpoint:
+            checkpoint = distributed.gather([checkpoint])[0]  # process 0's, once it holds the folder
+            random.seed(cfg.seed)
+            torch.manual_seed(cfg.seed)
+            train_problems = load_problems(cfg.data, "train")  # data first: a bad file fails before the model loads
+            random.Random(cfg.seed).shuffle(train_problems)  # one fixed order, so a resumed run sees the next ones
+            eval_problems = load_problems(cfg.data, "test")[:cfg.eval_size]
+            model, tokenizer = load_model_and_tokenizer(cfg, checkpoint)  # the same weights in every process
+            model.to(device)
+            optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            ref_model = reference_model(cfg, model, device)
+            if world > 1:  # each process samples its own answers
+                torch.manual_seed(cfg.seed * 1000 + rank)
+            first_step, records = run_folder.resume_run(checkpoint, optimizer, out, rank) if checkpoint else (0, 0)
+            if owner:
+                (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))  # what this run is
+            return run(model, ref_model, tokenizer, optimizer, train_problems, eval_problems, first_step, records,
+                       cfg, device, argv)
+    finally:
+        distributed.finish()
 
-        started, history, record = time.perf_counter(), [], None
-        with open(out / "metrics.jsonl", "a") as metrics, run_folder.GracefulStop() as stop:
-            if first_step == 0:
-                record = {"step": 0, **evaluate(model, tokenizer, eval_problems, cfg, device)}
-                records = run_folder.append_record(metrics, record, records)
-            steps = tqdm(range(first_step + 1, cfg.steps + 1), desc="training", initial=first_step, total=cfg.steps)
-            for step in steps:
-                problems = [train_problems[((step - 1) * cfg.prompts_per_step + i) % len(train_problems)]
-                            for i in range(cfg.prompts_per_step)]
-                record, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)
-                record = {"step": step, **record}
+
+def run(model, ref_model, tokenizer, optimizer, train_problems, eval_problems, first_step, records, cfg, device, argv):
+    """The loop: a step, what is due after it (trees shown, an evaluation), its record, a checkpoint."""
+    out, started, history, record = Path(cfg.out), time.perf_counter(), [], None
+    rank, world = distributed.rank_and_world()
+    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as metrics, run_folder.GracefulStop() as stop:
+        if first_step == 0:
+            record = {"step": 0, **evaluate(model, tokenizer, eval_problems, cfg, device)}
+            records = run_folder.append_record(metrics, record, records)
+        steps = tqdm(range(first_step + 1, cfg.steps + 1), desc="training", initial=first_step, total=cfg.steps,
+                     disable=rank > 0)
+        for step in steps:
+            problems = [train_problems[((step - 1) * cfg.prompts_per_step + i) % len(train_problems)]
+                        for i in range(cfg.prompts_per_step)]
+            record, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)
+            record = {"step": step, **record}
+            if rank == 0:
                 show_and_save_trees(roots, problems, tokenizer, step, cfg)
-                if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                    start = time.perf_counter()
-                    record |= evaluate(model, tokenizer, eval_problems, cfg, device)
-                    record["eval_s"] = time.perf_counter() - start
-                records = run_folder.append_record(metrics, record, records)
-                history.append(record)
-                steps.set_postfix(reward=f"{record['reward']:.3f}", kept=record["kept_nodes"])
-                trouble = run_folder.check_health(history)
-                if step % cfg.save_every == 0 or step == cfg.steps or stop.requested or trouble:
-                    saved = run_folder.save_run(out, step, model, tokenizer, optimizer, {
-                        "step": step, "metrics_records": records, "config": dataclasses.asdict(cfg)})
-                if stop.requested:
-                    steps.close()
-                    print(f"stopped by {stop.requested} after step {step} of {cfg.steps}; checkpoint in {saved}. "
-                          f"Resume with: {run_folder.resume_command(argv)}")
-                    raise SystemExit(130)
-                if trouble:
-                    raise SystemExit(f"{trouble} The last step's checkpoint is {saved}.")
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                start = time.perf_counter()
+                record |= evaluate(model, tokenizer, eval_problems, cfg, device)
+                record["eval_s"] = time.perf_counter() - start
+            record |= gpu.peak_memory(device)
+            records = run_folder.append_record(metrics, record, records)
+            history.append(record)
+            steps.set_postfix(reward=f"{record['reward']:.3f}", kept=record["kept_nodes"])
+            trouble, stopping = run_folder.check_health(history), distributed.anyone(stop.requested, device)
+            if step % cfg.save_every == 0 or step == cfg.steps or stopping or trouble:
+                rng = distributed.gather([run_folder.rng_state()])  # every process's, by rank
+                saved = run_folder.save_run(out, step, model, tokenizer, optimizer, rng, {
+                    "step": step, "metrics_records": records, "processes": world,
+                    "config": dataclasses.asdict(cfg)}) if rank == 0 else None
+                distributed.barrier()  # no process leaves before the checkpoint is whole
+            if stopping:
+                steps.close()
+                if rank == 0:
+                    print(f"stopped by {stop.requested or 'a stop signal'} after step {step} of {cfg.steps}; "
+                          f"checkpoint in {saved}. Resume with: {run_folder.resume_command(argv)}")
+                raise SystemExit(130)
+            if trouble:
+                raise SystemExit(f"{trouble} The last step's checkpoint is {saved}." if rank == 0 else 1)
+    if rank == 0:
         print(run_folder.closing_line(out, first_step, cfg.steps, time.perf_counter() - started)
               + (" (a smoke run: a tiny random model answers nothing; it checks that every path runs)" if cfg.smoke else ""))
-        return record
+    return record
 
 
 def train_step(model, ref_model, tokenizer, optimizer, problems: list[dict], cfg: Config, device: str):
-    """Sample, score, credit, loss, update. Returns (the step's record, the trees)."""
+    """Sample and score this process's share of the step's questions, then `learn` from every
+    process's trees. Returns (the step's record, every tree)."""
+    rank, world = distributed.rank_and_world()
     start = time.perf_counter()
-    roots = sample_and_score(model, tokenizer, problems, cfg, device)
+    with gpu.phase("sampling"):
+        mine = sample_and_score(model, tokenizer, distributed.share(problems, rank, world), cfg, device)
     sampled = time.perf_counter()
+    record, roots = learn(model, ref_model, optimizer, mine, cfg, device)
+    return record | {"sample_s": sampled - start, "loss_and_update_s": time.perf_counter() - sampled}, roots
+
+
+def learn(model, ref_model, optimizer, mine: list, cfg: Config, device: str):
+    """Credit every process's scored trees (the same advantages in every process), then
+    --updates-per-batch rounds of loss and update on this process's trees (`mine`). Returns (the
+    record over every tree: the first update's loss, the mean clip fraction; every tree)."""
+    rank, world = distributed.rank_and_world()
+    roots = credit(distributed.gather(mine), cfg)
     model.train()  # sample_trees switched to eval mode for sampling and back
-    trees = treepo.weighted_trees(roots) if cfg.method == "treepo" else roots  # TreePO: per-leaf scores
-    with autocast(device):
+    trees = roots
+    if cfg.method == "treepo":  # per-leaf scores: each segment once, or (clipping) each leaf's path
+        trees = treepo.weighted_trees(roots) if cfg.updates_per_batch == 1 else treepo.path_trees(roots)
+    mine, total = distributed.share(trees, rank, world), counted_tokens(trees)  # the loss divides by the batch's count
+    updates = []
+    while len(updates) < cfg.updates_per_batch and not (updates and updates[-1]["skipped"]):
+        updates.append(update(model, ref_model, optimizer, mine, total, cfg, device))
+    clip_fraction = sum(done["clip_fraction"] for done in updates) / len(updates)
+    return {**tree_metrics(roots, cfg.method), **updates[0], "clip_fraction": clip_fraction, "updates": len(updates),
+            "skipped": updates[-1]["skipped"]}, roots
+
+
+def update(model, ref_model, optimizer, trees, total_tokens, cfg: Config, device: str) -> dict:
+    """The loss, back-propagated (divided by the batch's `total_tokens`; every process's gradients
+    summed), and one AdamW step: never with a loss or gradient that is not finite (the weights stay
+    finite), nor when nothing counted (weight decay alone should not step)."""
+    with gpu.phase("the loss"), gpu.autocast(device):
         loss, stats = backward_loss(model, trees, ref_model=ref_model, kl_coef=cfg.kl_coef, clip_eps=cfg.clip_eps,
                                     temperature=cfg.temperature, packed=LOSS_ROWS[cfg.loss_rows],
-                                    max_row_tokens=cfg.max_row_tokens, micro_batch_size=cfg.micro_batch_size)
+                                    max_row_tokens=cfg.max_row_tokens, micro_batch_size=cfg.micro_batch_size,
+                                    total_tokens=total_tokens)
+    distributed.sum_gradients(trainable(model))
+    loss, stats = distributed.sum_loss_stats(loss, stats, device)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip).item()
-    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))  # never applied: the weights stay finite
-    if stats["tokens"] and not skipped:  # every group pruned: no signal, and weight decay alone should not step
-        optimizer.step()
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    with gpu.phase("the optimizer step"):
+        if stats["tokens"] and not skipped:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {**tree_metrics(roots, cfg.method), "loss": loss, **stats, "grad_norm": grad_norm, "skipped": skipped,
-            "sample_s": sampled - start, "loss_and_update_s": time.perf_counter() - sampled}, roots
+    return {"loss": loss, **stats, "grad_norm": grad_norm, "skipped": skipped}
 
 
 def sample_and_score(model, tokenizer, problems: list[dict], cfg: Config, device: str):
-    """Sample one tree per problem, reward its leaves, and fill values and advantages."""
+    """Sample one tree per problem and reward its leaves."""
     prompts = [chat_prompt(tokenizer, problem["question"], cfg.system_prompt) for problem in problems]
     roots = []
     for start in tqdm(range(0, len(prompts), cfg.sample_batch_size), desc="sampling", leave=False):
-        with autocast(device):
+        with gpu.autocast(device):
             try:
                 roots += sample(model, tokenizer, prompts[start:start + cfg.sample_batch_size], cfg)
             except RuntimeError as error:  # torch.multinomial on NaN or infinite probabilities
-                if "inf" not in str(error) and "nan" not in str(error):
+                if isinstance(error, torch.cuda.OutOfMemoryError) or not ("inf" in str(error) or "nan" in str(error)):
                     raise
                 raise SystemExit(f"sampling failed: the model's next-token probabilities are not finite ({error}); "
                                  "the weights have diverged: lower --lr (the last checkpoint holds finite weights)")
     for root, problem in zip(roots, problems):
         for leaf in leaves(root):
             leaf.reward = score(tokenizer, leaf, problem, strict=cfg.reward == "strict")
+    return roots
+
+
+def credit(roots, cfg: Config):
+    """Values and advantages: TreeRPO's and GRPO's within each tree, TreePO's per leaf, whitened
+    over the whole batch. Returns `roots`."""
     try:
         if cfg.method == "treepo":
             treepo.assign_treepo_advantages(roots)  # per leaf, whitened over the whole batch
@@ -210,16 +275,17 @@ def sample_and_score(model, tokenizer, problems: list[dict], cfg: Config, device
 
 
 def sample(model, tokenizer, prompts: list[str], cfg: Config):
-    """The three methods differ here (what they sample) and in the credit; the rest is shared."""
+    """The three methods differ here (what they sample) and in the credit; the rest is shared. With
+    more than one update per batch, the log-probs of sampling are the PPO ratio's old ones."""
+    settings = dict(temperature=cfg.temperature, return_logprobs=cfg.updates_per_batch > 1)
     if cfg.method == "treepo":
         return treepo.sample_budgeted_trees(model, tokenizer, prompts, width=cfg.width, divergence=cfg.divergence,
-                                            segment_tokens=cfg.segment_tokens, max_depth=cfg.depth,
-                                            temperature=cfg.temperature)
+                                            segment_tokens=cfg.segment_tokens, max_depth=cfg.depth, **settings)
     if cfg.method == "grpo":  # GRPO is a one-level tree: G answers with the tree's whole response budget
         return sample_trees(model, tokenizer, prompts, branch=cfg.width, depth=1,
-                            segment_tokens=cfg.depth * cfg.segment_tokens, temperature=cfg.temperature)
+                            segment_tokens=cfg.depth * cfg.segment_tokens, **settings)
     return sample_trees(model, tokenizer, prompts, branch=cfg.branch, depth=cfg.depth,
-                        segment_tokens=cfg.segment_tokens, temperature=cfg.temperature)
+                        segment_tokens=cfg.segment_tokens, **settings)
 
 
 def score(tokenizer, leaf, problem: dict, strict: bool) -> float:
@@ -234,12 +300,14 @@ def score(tokenizer, leaf, problem: dict, strict: bool) -> float:
 
 
 def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str) -> dict:
-    """Greedy Pass@1, strict and lenient: a tree of one branch and one level is one greedy answer."""
+    """Greedy Pass@1, strict and lenient: a tree of one branch and one level is one greedy answer.
+    Each process answers its share of the questions; the scores are summed."""
     strict = lenient = length = 0
-    for start in tqdm(range(0, len(problems), cfg.eval_batch_size), desc="evaluating", leave=False):
-        batch = problems[start:start + cfg.eval_batch_size]
+    mine = distributed.share(problems, *distributed.rank_and_world())
+    for start in tqdm(range(0, len(mine), cfg.eval_batch_size), desc="evaluating", leave=False):
+        batch = mine[start:start + cfg.eval_batch_size]
         prompts = [chat_prompt(tokenizer, problem["question"], cfg.system_prompt) for problem in batch]
-        with autocast(device):
+        with gpu.phase("evaluation"), gpu.autocast(device):
             roots = sample_trees(model, tokenizer, prompts, branch=1, depth=1,
                                  segment_tokens=cfg.depth * cfg.segment_tokens, do_sample=False)
         for root, problem in zip(roots, batch):
@@ -247,9 +315,9 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str) -
             strict += score(tokenizer, answer, problem, strict=True)
             lenient += score(tokenizer, answer, problem, strict=False)
             length += len(answer.tokens)
-    n = len(problems)
-    return {"eval_strict": strict / n, "eval_lenient": lenient / n, "eval_response_tokens": length / n,
-            "eval_questions": n}
+    sums, n = distributed.sum_numbers({"strict": strict, "lenient": lenient, "length": length}, device), len(problems)
+    return {"eval_strict": sums["strict"] / n, "eval_lenient": sums["lenient"] / n,
+            "eval_response_tokens": sums["length"] / n, "eval_questions": n}
 
 
 def tree_metrics(roots, method: str) -> dict:
@@ -271,82 +339,7 @@ def tree_metrics(roots, method: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The models, the device, the records
-
-
-def load_model_and_tokenizer(cfg: Config, checkpoint: Path | None = None):
-    """The policy in fp32 (AdamW at lr 1e-6 needs fp32 weights: bf16 would round most updates
-    away); compute runs in bf16 under autocast on CUDA. `checkpoint`: a saved run to load instead.
-    With --lora-rank the model comes back wrapped in LoRA adapters, the only trainable weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from offline.tiny import byte_tokenizer, tiny_model  # offline stand-ins, for --model tiny
-    tokenizer = byte_tokenizer() if cfg.model == "tiny" else hub_load(AutoTokenizer, cfg.model, "the tokenizer of")
-    if checkpoint and not cfg.lora_rank:  # a LoRA checkpoint holds only the adapters
-        model = hub_load(AutoModelForCausalLM, str(checkpoint), "the model", dtype=torch.float32)
-    elif cfg.model == "tiny":
-        model = tiny_model(len(tokenizer), init_std=0.02, seed=cfg.seed)
-    else:
-        model = hub_load(AutoModelForCausalLM, cfg.model, "the model", dtype=torch.float32)
-    if cfg.gradient_checkpointing:  # renamed in transformers 5.x; the old name warns there
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    if cfg.lora_rank:
-        import peft
-        if cfg.gradient_checkpointing:  # frozen embeddings: the checkpointed blocks need an input with grad
-            model.enable_input_require_grads()
-        if checkpoint:
-            return peft.PeftModel.from_pretrained(model, checkpoint, is_trainable=True), tokenizer
-        config = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")  # not the output head
-        model = peft.get_peft_model(model, config)
-    return model, tokenizer
-
-
-def hub_load(auto_class, name: str, what: str, **kwargs):
-    try:
-        return auto_class.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as error:  # ValueError: a name that is neither a folder nor a hub id (4.57)
-        raise SystemExit(f"could not load {what} {name!r}: {str(error).splitlines()[0]} "
-                         "Check the name and the network, or pass --model with a local folder.")
-
-
-def reference_model(cfg: Config, model, device: str):
-    """The frozen starting model for the KL term: none without KL (or without steps); with LoRA the
-    policy itself with its adapters off (no second copy); else a second copy, from --model (the
-    start, also after a resume)."""
-    if not cfg.kl_coef or not cfg.steps:
-        return None
-    if cfg.lora_rank:
-        return adapters_off(model)
-    plain = dataclasses.replace(cfg, gradient_checkpointing=False)
-    return load_model_and_tokenizer(plain)[0].to(device).eval().requires_grad_(False)
-
-
-def adapters_off(peft_model):
-    """The KL reference of a LoRA run: the policy called with its adapters disabled, which is the
-    starting model, without a second copy in memory. backward_loss calls it and reads its config."""
-    def forward(*args, **kwargs):
-        with peft_model.disable_adapter():
-            return peft_model(*args, **kwargs)
-    forward.config = peft_model.config
-    return forward
-
-
-def trainable(model) -> list:
-    return [parameter for parameter in model.parameters() if parameter.requires_grad]
-
-
-def pick_device(cfg: Config) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    if torch.cuda.is_available():
-        return "cuda"
-    raise SystemExit("no CUDA GPU found: this demo is meant for one GPU. Pass --device cpu to run on the CPU "
-                     "anyway (README: a CPU run), or --smoke for the offline check.")
-
-
-def autocast(device: str):
-    """bf16 compute on CUDA, plain fp32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+# What the run shows and keeps
 
 
 def show_and_save_trees(roots, problems: list[dict], tokenizer, step: int, cfg: Config):
@@ -382,11 +375,6 @@ def main(argv=None):
         if not run_folder.is_disk_full(error):
             raise
         raise SystemExit(f"the disk is full ({error}). Free some space; {run_folder.where_to_go_on(Path(cfg.out), argv)}")
-    except torch.cuda.OutOfMemoryError:
-        raise SystemExit("out of GPU memory. Lower --sample-batch-size (sampling), --max-row-tokens or "
-                         "--micro-batch-size (loss) or --eval-batch-size; shrink the tree (--branch, --depth, "
-                         "--segment-tokens); add --gradient-checkpointing or --lora-rank 16; or --kl-coef 0 to drop "
-                         "the reference model.")
 
 
 if __name__ == "__main__":

@@ -450,7 +450,7 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None
 
 def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: float = 0.0, clip_eps: float = 0.2,
                   temperature: float = 1.0, packed: bool | None = None, max_row_tokens: int = 4096,
-                  micro_batch_size: int = 8) -> tuple[float, dict]:
+                  micro_batch_size: int = 8, total_tokens: float | None = None) -> tuple[float, dict]:
     """The TreeRPO loss over scored trees, back-propagated; the caller steps the optimizer.
     Returns (the loss value, a dict of stats).
 
@@ -461,6 +461,8 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
     packed: True trains `packed_rows` (rows of at most `max_row_tokens` tokens under a tree mask,
         one a forward), which needs models that take it (`can_pack`); False trains `leaf_path_rows`,
         `micro_batch_size` a forward, any model; None: packed where the models can.
+    total_tokens: what the loss is divided by: by default these trees' `counted_tokens`; data-parallel
+        training passes the whole batch's, then sums the processes' gradients.
     """
     check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens)
     packed = can_pack([model] + ([ref_model] if kl_coef else []), trees, packed)
@@ -471,7 +473,10 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
         batches = [rows[start:start + micro_batch_size] for start in range(0, len(rows), micro_batch_size)]
     generated = [node for root in trees for node in nodes(root)[1:]]
     kept = [node for node in generated if node.advantage is not None]
-    tokens = sum(sum(row["weights"]) for batch in batches for row in batch)
+    tokens = sum(sum(row["weights"]) for batch in batches for row in batch)  # = counted_tokens(trees)
+    divisor = tokens if total_tokens is None else total_tokens
+    if not divisor >= tokens:
+        raise ValueError(f"total_tokens={total_tokens} is less than these trees' {tokens} counted tokens")
     stats = {"tokens": tokens, "kept_nodes": len(kept), "pruned_nodes": len(generated) - len(kept),
              "mean_abs_advantage": sum(abs(node.advantage) for node in kept) / max(len(kept), 1),
              "positions": sum(len(row["tokens"]) for batch in batches for row in batch), "forwards": len(batches),
@@ -490,11 +495,16 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
         loss_sum, sums = ppo_clip_loss(logprobs, old_logprobs, batch["advantages"][:, columns],
                                        batch["weights"][:, columns], ref_logprobs, clip_eps, kl_coef)
         stats["logit_positions"] += logprobs.numel()
-        (loss_sum / tokens).backward()
-        total_loss += loss_sum.item() / tokens
-        stats["kl"] += sums["kl"] / tokens
-        stats["clip_fraction"] += sums["clipped"] / tokens
+        (loss_sum / divisor).backward()
+        total_loss += loss_sum.item() / divisor
+        stats["kl"] += sums["kl"] / divisor
+        stats["clip_fraction"] += sums["clipped"] / divisor
     return total_loss, stats
+
+
+def counted_tokens(trees: list[TreeNode]) -> float:
+    """The weight the loss averages over: every kept node's tokens, times its weight, each node once."""
+    return sum(node.weight * len(node.tokens) for root in trees for node in nodes(root)[1:] if node.advantage is not None)
 
 
 def collate(rows: list[dict], model, packed: bool) -> dict:
@@ -636,7 +646,7 @@ def can_pack(models: list, trees: list[TreeNode], packed: bool | None) -> bool:
     """Whether the loss trains packed rows. Each model must read a custom 4D mask (sdpa, eager) and
     slide no attention window shorter than the longest path: the tree mask replaces the model's
     own, window included (Mistral, Gemma). packed=True: a ValueError if not."""
-    longest = max(len(root.tokens) + len(response_tokens(leaf)) for root in trees for leaf in leaves(root))
+    longest = max((len(root.tokens) + len(response_tokens(leaf)) for root in trees for leaf in leaves(root)), default=0)
     for model in models:
         attention, window = getattr(getattr(model, "config", None), "_attn_implementation", None), sliding_window(model)
         if attention not in ("sdpa", "eager"):

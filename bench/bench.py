@@ -246,7 +246,8 @@ def bench_lora(name, tokenizer, vocab_size, device, *, prompts, rank=16):
     state holds after one loss step and AdamW step (weights, gradients, AdamW moments, and the KL
     reference: a second copy for full fine-tuning, the same model with adapters off for LoRA), and
     the peak memory of that step (CUDA allocations; on the CPU the process's resident growth)."""
-    from train_gsm8k import Config, add_lora, adapters_off
+    from demo.models import add_lora, adapters_off
+    from train_gsm8k import Config
     figures = {}
     for mode in ("full", "lora"):
         torch.manual_seed(0)

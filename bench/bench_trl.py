@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from reward import SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, word_problems
-from run_folder import json_record
+from demo.run_folder import json_record
 from train_gsm8k import Config, evaluate
 from treerpo import assign_advantages, backward_loss, leaves, pad_rows, sample_trees
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import reward
-import run_folder
+import treerpo
+from demo import gpu, run_folder
 import train_gsm8k
 
 SMOKE = ["--smoke", "--eval-size", "2", "--eval-every", "2", "--save-every", "2", "--show-tree-every", "0",
@@ -371,7 +372,7 @@ def test_local_paths_that_do_not_exist_are_refused_before_loading(tmp_path, monk
 def test_one_training_step_under_bf16_autocast(monkeypatch):
     """CUDA runs compute under bf16 autocast with fp32 weights; the same on the CPU here, so that a
     dtype mistake in sampling, the loss or the update shows without a GPU."""
-    monkeypatch.setattr(train_gsm8k, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(gpu, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
     cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0", "--out", "unused"])
     model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
@@ -381,3 +382,77 @@ def test_one_training_step_under_bf16_autocast(monkeypatch):
     assert metrics["tokens"] > 0 and not metrics["skipped"] and math.isfinite(metrics["loss"])
     assert all(parameter.dtype == torch.float32 and torch.isfinite(parameter).all() for parameter in model.parameters())
     assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+
+
+def test_bf16_on_every_cuda_device_and_fp32_elsewhere():
+    assert all(gpu.on_gpu(device) for device in ("cuda", "cuda:1", torch.device("cuda", 1), torch.device("cuda")))
+    assert not any(gpu.on_gpu(device) for device in ("cpu", torch.device("cpu"), "meta"))
+    assert gpu.autocast("cpu")._enabled is False and gpu.peak_memory("cpu") == {}
+
+
+@pytest.mark.parametrize("phase, knob", [("backward_loss", "in the loss: lower --max-row-tokens"),
+                                         ("sample_trees", "in sampling: lower --sample-batch-size")])
+def test_out_of_gpu_memory_names_the_phase_and_its_knobs(tmp_path, monkeypatch, phase, knob):
+    calls = []
+
+    def out_of_memory(*args, **kwargs):
+        calls.append(None)
+        if len(calls) > 2 or phase == "backward_loss":  # sample_trees: let the step-0 evaluation through
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(*args, **kwargs)
+    original = getattr(train_gsm8k, phase)
+    monkeypatch.setattr(train_gsm8k, phase, out_of_memory)
+    message = one_line(run(tmp_path / "run", "--steps", "2"))
+    assert message.startswith(f"out of GPU memory {knob}") and "(CUDA out of memory. Tried to allocate" in message
+
+
+def one_step(updates_per_batch, lr=3e-3):
+    """train_step on the smoke problems from a fixed seed: (its record, the weights after)."""
+    cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0", "--out", "unused", "--lr", str(lr),
+                                     "--updates-per-batch", str(updates_per_batch)])
+    model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    torch.manual_seed(0)
+    record, roots = train_gsm8k.train_step(model, None, tokenizer, optimizer, reward.SMOKE_PROBLEMS[:4], cfg, "cpu")
+    return record, [parameter.detach().clone() for parameter in model.parameters()], roots
+
+
+def test_several_updates_per_batch_clip_the_ratio(monkeypatch):
+    """--updates-per-batch 2: log-probs recorded at sampling are the old ones, the second update's
+    ratio has moved, and the clip engages; the first update is the one-update step's own."""
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
+    once, _, _ = one_step(1, lr=0.05)
+    twice, _, roots = one_step(2, lr=0.05)
+    assert twice["updates"] == 2 and twice["clip_fraction"] > 0 and once["clip_fraction"] == 0
+    assert all(node.logprobs is not None for root in roots for node in treerpo.nodes(root)[1:])
+    assert twice["loss"] == pytest.approx(once["loss"], abs=1e-4) and twice["tokens"] == once["tokens"]
+
+
+def test_one_update_per_batch_is_the_plain_step(monkeypatch):
+    """--updates-per-batch 1 (the default) is the step as it always was: sample without log-probs,
+    one backward_loss, one clipped AdamW step."""
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
+    record, weights, roots = one_step(1)
+    assert record["updates"] == 1 and record["clip_fraction"] == 0
+    assert all(node.logprobs is None for root in roots for node in treerpo.nodes(root)[1:])
+    cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0", "--out", "unused"])
+    model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    torch.manual_seed(0)
+    roots = train_gsm8k.credit(train_gsm8k.sample_and_score(model, tokenizer, reward.SMOKE_PROBLEMS[:4], cfg, "cpu"), cfg)
+    loss, stats = treerpo.backward_loss(model, roots, clip_eps=cfg.clip_eps, temperature=cfg.temperature)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    assert loss == record["loss"] and stats["tokens"] == record["tokens"]
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(model.parameters(), weights))
+
+
+def test_the_kl_reference_is_bf16_on_a_gpu(monkeypatch):
+    """It computes in bf16 under autocast there anyway: in bf16 it takes half the memory."""
+    cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0.001", "--out", "unused"])
+    model, _ = train_gsm8k.load_model_and_tokenizer(cfg)
+    assert all(parameter.dtype == torch.float32 for parameter in train_gsm8k.reference_model(cfg, model, "cpu").parameters())
+    monkeypatch.setattr(gpu, "on_gpu", lambda device: True)
+    reference = train_gsm8k.reference_model(cfg, model, "cpu")
+    assert all(parameter.dtype == torch.bfloat16 and not parameter.requires_grad for parameter in reference.parameters())
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())  # the policy stays fp32

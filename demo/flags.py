@@ -15,7 +15,7 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-import run_folder
+from demo import distributed, run_folder
 from reward import local_data_files
 from treerpo import check_rows
 
@@ -76,6 +76,9 @@ def config_problem(config_class, cfg) -> str | None:
     for split, path in (local_data_files(cfg.data) or {}).items():
         if not path.is_file():
             return f"--data {cfg.data}: no {split} file at {path} (GSM8K-format JSON Lines expected)"
+    if cfg.prompts_per_step < distributed.processes():
+        return (f"--prompts-per-step {cfg.prompts_per_step} is the whole step's: give each of the "
+                f"{distributed.processes()} processes at least one question")
     problem = hub_problem(cfg)
     if problem:
         return problem
@@ -145,7 +148,10 @@ def out_problem(cfg) -> str | None:
             return str(error)
         if checkpoint is None:
             return f"--resume: no checkpoint in {out}; run without --resume first"
-        step = run_folder.checkpoint_step(checkpoint)
+        step, processes = run_folder.checkpoint_step(checkpoint), run_folder.checkpoint_processes(checkpoint)
+        if processes != distributed.processes():
+            return (f"--resume: the run in {out} ran in {processes} process(es), this is {distributed.processes()}: "
+                    "resume it with as many (each process's random state is in the checkpoint)")
         if step >= cfg.steps:
             return f"--resume: the run in {out} already reached step {step} of --steps {cfg.steps}; raise --steps to go on"
     elif not cfg.overwrite and (out / "metrics.jsonl").exists():

@@ -42,9 +42,13 @@ PREFIX = "checkpoint-"
 
 
 @contextlib.contextmanager
-def opened(out: Path, overwrite: bool, resume: bool):
+def opened(out: Path, overwrite: bool, resume: bool, owner: bool = True):
     """Hold <out> for a run (created if need be, locked); clear it (--overwrite) or give the newest
-    checkpoint (--resume: checked file by file before anything loads), else None."""
+    checkpoint (--resume: checked file by file before anything loads), else None. Only the owner
+    (process 0 of several) touches the folder; the others get None."""
+    if not owner:
+        yield None
+        return
     out.mkdir(parents=True, exist_ok=True)
     lock = take_lock(out)  # before anything in the folder is touched
     try:
@@ -118,6 +122,14 @@ def newest_checkpoint(out: Path, hashes: bool = True) -> Path | None:
 
 def checkpoint_step(folder: Path) -> int:
     return json.loads((folder / MANIFEST).read_text())["step"]
+
+
+def checkpoint_processes(folder: Path) -> int:
+    """How many processes wrote a checkpoint (1 before data-parallel runs were recorded)."""
+    try:
+        return json.loads((folder / "run_state.json").read_text()).get("processes", 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
 
 
 def _damage(folder: Path, hashes: bool) -> str | None:
@@ -276,25 +288,30 @@ def is_disk_full(error: BaseException) -> bool:
 # The demo's checkpoints: what a resumed run needs to go on exactly as if never stopped
 
 
-def save_run(out: Path, step: int, model, tokenizer, optimizer, run_state: dict) -> Path:
+def rng_state() -> dict:
+    """This process's random number generators: torch's, Python's, CUDA's."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def save_run(out: Path, step: int, model, tokenizer, optimizer, rng: list[dict], run_state: dict) -> Path:
     """<out>/checkpoint-<step>: the weights (the adapters only, with LoRA), the tokenizer, the
-    optimizer and every RNG's state, and run_state.json (the step, how many metrics records the run
-    had logged, the config). Weights that are not finite are never saved."""
+    optimizer, every process's RNG states (`rng`, by rank), and run_state.json (the step, how many
+    metrics records the run had logged, the processes, the config). Weights that are not finite
+    are never saved."""
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if not all(torch.isfinite(parameter).all() for parameter in trainable):
         raise SystemExit(f"step {step}: the weights are not finite, so no checkpoint was saved (the last one remains)")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     return save_checkpoint(out, step, [
         model.save_pretrained, tokenizer.save_pretrained,
         lambda folder: torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, folder / "trainer_state.pt"),
         lambda folder: (folder / "run_state.json").write_text(json.dumps(run_state))])
 
 
-def resume_run(checkpoint: Path, optimizer, out: Path) -> tuple[int, int]:
-    """Restore the optimizer and every RNG from `checkpoint`, and bring metrics.jsonl (and
-    trees.jsonl) back to what it had seen, moving later records aside. Returns (the step, the
-    records kept)."""
+def resume_run(checkpoint: Path, optimizer, out: Path, rank: int = 0) -> tuple[int, int]:
+    """Restore the optimizer and this process's RNGs from `checkpoint`, and (process 0) bring
+    metrics.jsonl and trees.jsonl back to what it had seen, moving later records aside. Returns
+    (the step, the records kept)."""
     try:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         run_state = json.loads((checkpoint / "run_state.json").read_text())
@@ -302,10 +319,13 @@ def resume_run(checkpoint: Path, optimizer, out: Path) -> tuple[int, int]:
     except Exception as error:  # the manifest matched, so this is not damage but another script's file
         raise SystemExit(f"--resume: cannot load {checkpoint} ({type(error).__name__}: {error}); "
                          "pass --overwrite to start over")
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rng = state["rng"][rank] if isinstance(state["rng"], list) else state["rng"]  # a list by rank (a dict before)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if rank:
+        return run_state["step"], run_state["metrics_records"]
     records = trim_records(out / "metrics.jsonl", run_state["metrics_records"])
     trim_records(out / "trees.jsonl", run_state["step"])
     if records < run_state["metrics_records"]:
