@@ -81,6 +81,9 @@ def main(argv=None):
     parser.add_argument("--eval-size", type=int, default=8, help="held-out questions evaluated (default: %(default)s)")
     parser.add_argument("--max-row-tokens", type=int, default=None, help="the demo's flag (default: the demo's)")
     parser.add_argument("--stop-above", type=float, default=21.0, help="GB resident (default: %(default)s)")
+    parser.add_argument("--first-step", dest="steady", action="store_false",
+                        help="measure the first step (no AdamW moments yet, the weights still the file's pages) "
+                             "instead of a later one")
     args = parser.parse_args(argv)
     flags = ["--model", args.model, "--data", args.data, "--device", "cpu", "--out", "unused",
              "--prompts-per-step", str(args.prompts), "--sample-batch-size", str(args.prompts)]
@@ -99,13 +102,21 @@ def main(argv=None):
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     figures["loading"] = {"peak_gb": round(memory.peak / 2**30, 2), "seconds": round(memory.seconds, 1)}
     print(f"loading          peak {memory.peak / 2**30:6.2f} GB resident  (policy, KL reference, AdamW)", flush=True)
+    if args.steady:  # the step as from the second on: AdamW's moments exist, the policy's weights are its own
+        with torch.no_grad():  # (loaded weights are pages of the model file, shared with the reference's,
+            for parameter in model.parameters():  # until an update writes them)
+                parameter.copy_(parameter.clone())
+                parameter.grad = torch.zeros_like(parameter)
+        optimizer.step()  # zero gradients: the moments are allocated, the weights do not move
+        optimizer.zero_grad(set_to_none=True)
+        print(f"steady state     {resident() / 2**30:6.2f} GB resident  (AdamW's moments, the policy's own pages)")
     optimizer.step = measured("optimizer step", optimizer.step, figures, stop_above)
     torch.manual_seed(0)
     train_gsm8k.evaluate(model, tokenizer, problems[:args.eval_size], cfg, "cpu")
     record, roots = train_gsm8k.train_step(model, reference, tokenizer, optimizer, problems[:args.prompts], cfg, "cpu")
     shape = {key: record[key] for key in ("leaves", "segments", "tokens_generated", "tokens", "forwards", "positions",
                                           "kept_nodes", "pruned_nodes", "skipped")}
-    print(json.dumps({"config": {"max_row_tokens": cfg.max_row_tokens, "prompts": args.prompts,
+    print(json.dumps({"config": {"max_row_tokens": cfg.max_row_tokens, "prompts": args.prompts, "steady": args.steady,
                                  "threads": torch.get_num_threads(), "torch": torch.__version__},
                       "phases": figures, "step": shape, "peak_gb": max(f["peak_gb"] for f in figures.values())}))
     sys.stdout.flush()

@@ -102,7 +102,7 @@ def sum_loss_stats(loss: float, stats: dict, device) -> tuple[float, dict]:
 
 def anyone(flag: bool, device) -> bool:
     """Whether any process says yes: a stop is taken after the same step by every process."""
-    return bool(sum_numbers({"flag": flag}, device)["flag"]) if active() else bool(flag)
+    return bool(sum_numbers({"flag": bool(flag)}, device)["flag"]) if active() else bool(flag)
 
 
 def barrier():
