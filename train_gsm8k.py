@@ -212,10 +212,10 @@ def learn(model, ref_model, optimizer, mine: list, cfg: Config, device: str):
     trees = roots
     if cfg.method == "treepo":  # per-leaf scores: each segment once, or (clipping) each leaf's path
         trees = treepo.weighted_trees(roots) if cfg.updates_per_batch == 1 else treepo.path_trees(roots)
-    mine, total = distributed.share(trees, rank, world), counted_tokens(trees)  # the loss divides by the batch's count
+    my_trees, total = distributed.share(trees, rank, world), counted_tokens(trees)  # divide by the batch's count
     updates = []
     while len(updates) < cfg.updates_per_batch and not (updates and updates[-1]["skipped"]):
-        updates.append(update(model, ref_model, optimizer, mine, total, cfg, device))
+        updates.append(update(model, ref_model, optimizer, my_trees, total, cfg, device))
     clip_fraction = sum(done["clip_fraction"] for done in updates) / len(updates)
     return {**tree_metrics(roots, cfg.method), **updates[0], "clip_fraction": clip_fraction, "updates": len(updates),
             "skipped": updates[-1]["skipped"]}, roots
