@@ -256,7 +256,8 @@ def sample_and_score(model, tokenizer, problems: list[dict], cfg: Config, device
                                  "the weights have diverged: lower --lr (the last checkpoint holds finite weights)")
     for root, problem in zip(roots, problems):
         for leaf in leaves(root):
-            leaf.reward = score(tokenizer, leaf, problem, strict=cfg.reward == "strict")
+            text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
+            leaf.reward = score(leaf, text, problem, strict=cfg.reward == "strict")
     return roots
 
 
@@ -288,10 +289,9 @@ def sample(model, tokenizer, prompts: list[str], cfg: Config):
                         segment_tokens=cfg.segment_tokens, **settings)
 
 
-def score(tokenizer, leaf, problem: dict, strict: bool) -> float:
-    """The verifier's reward for the answer ending at `leaf`, checked a finite number (reward_of) where
-    it is made, so that the error can quote the answer."""
-    text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
+def score(leaf, text: str, problem: dict, strict: bool) -> float:
+    """The verifier's reward for `text`, the answer ending at `leaf`, checked a finite number
+    (reward_of) where it is made, so that the error can quote the answer."""
     leaf.reward = gsm8k_reward(text, problem["answer"], strict=strict)
     try:
         return reward_of(leaf)
@@ -312,8 +312,9 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str) -
                                  segment_tokens=cfg.depth * cfg.segment_tokens, do_sample=False)
         for root, problem in zip(roots, batch):
             answer = root.children[0]
-            strict += score(tokenizer, answer, problem, strict=True)
-            lenient += score(tokenizer, answer, problem, strict=False)
+            text = tokenizer.decode(answer.tokens, skip_special_tokens=True)  # decoded once, scored twice
+            strict += score(answer, text, problem, strict=True)
+            lenient += score(answer, text, problem, strict=False)
             length += len(answer.tokens)
     sums, n = distributed.sum_numbers({"strict": strict, "lenient": lenient, "length": length}, device), len(problems)
     return {"eval_strict": sums["strict"] / n, "eval_lenient": sums["lenient"] / n,

@@ -21,6 +21,7 @@ The last line printed is one JSON object with every figure.
 import argparse
 import functools
 import json
+import os
 import statistics
 import threading
 import time
@@ -126,26 +127,35 @@ class PositionCounter:
 
 
 class PeakMemory:
-    """Peak memory above the start while the block runs: CUDA allocations, or on the CPU the
-    process's resident set, polled every millisecond from /proc (Linux)."""
+    """Peak memory above the start while the block runs (peak_mb): CUDA allocations, or on the CPU
+    the process's resident set, polled every millisecond from /proc (Linux); on the CPU also the
+    absolute peak (peak_bytes), and past `stop_above` bytes the process ends at once (exit 3),
+    saying what ran (`what`), before the kernel's out-of-memory killer picks a process. And the
+    block's seconds."""
 
-    def __init__(self, device):
-        self.device, self.peak_mb = device, 0.0
+    def __init__(self, device, stop_above: float | None = None, what: str = "the block"):
+        self.device, self.stop_above, self.what, self.peak_mb = device, stop_above, what, 0.0
 
     def __enter__(self):
+        self.began = time.perf_counter()
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
             self.start, self.running = rss_bytes(), True
+            self.peak_bytes = self.start
             self.thread = threading.Thread(target=self.poll, daemon=True)
             self.thread.start()
         return self
 
     def poll(self):
         while self.running:
-            self.peak_mb = max(self.peak_mb, (rss_bytes() - self.start) / 2**20)
+            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+            self.peak_mb = (self.peak_bytes - self.start) / 2**20
+            if self.stop_above is not None and self.peak_bytes > self.stop_above:
+                print(f"stopped: {self.what} passed {self.stop_above / 2**30:.1f} GB resident", flush=True)
+                os._exit(3)
             time.sleep(0.001)
 
     def __exit__(self, *exc):
@@ -155,11 +165,12 @@ class PeakMemory:
         else:
             self.running = False
             self.thread.join()
+        self.seconds = time.perf_counter() - self.began
 
 
 def rss_bytes():
     with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def measure(run, model, device, repeats):

@@ -18,57 +18,23 @@ grows past that, before the kernel's out-of-memory killer picks a process of its
 
 import argparse
 import json
-import os
 import random
 import sys
-import threading
-import time
 
 import torch
 
 import train_gsm8k
+from bench.bench import PeakMemory, rss_bytes
 from reward import SMOKE_PROBLEMS, load_problems
 
 
-class PhaseMemory:
-    """The peak resident set of this process while a block runs (polled every 5 ms from /proc),
-    and its seconds. Past `stop_above` bytes the process ends at once, saying where it was."""
-
-    def __init__(self, name: str, stop_above: float):
-        self.name, self.stop_above, self.peak = name, stop_above, resident()
-
-    def __enter__(self):
-        self.start, self.running = time.perf_counter(), True
-        self.thread = threading.Thread(target=self.poll, daemon=True)
-        self.thread.start()
-        return self
-
-    def poll(self):
-        while self.running:
-            self.peak = max(self.peak, resident())
-            if self.peak > self.stop_above:
-                print(f"stopped: {self.name} passed {self.stop_above / 2**30:.1f} GB resident", flush=True)
-                os._exit(3)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.seconds = time.perf_counter() - self.start
-
-
-def resident() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measured(name: str, function, figures: dict, stop_above: float):
-    """`function`, its peak memory and seconds recorded in figures[name] at each call."""
+    """`function`, its peak resident memory and seconds recorded in figures[name] at each call."""
     def wrapper(*args, **kwargs):
-        with PhaseMemory(name, stop_above) as memory:
+        with PeakMemory("cpu", stop_above, name) as memory:
             result = function(*args, **kwargs)
-        figures[name] = {"peak_gb": round(memory.peak / 2**30, 2), "seconds": round(memory.seconds, 1)}
-        print(f"{name:16} peak {memory.peak / 2**30:6.2f} GB resident  {memory.seconds:7.1f} s", flush=True)
+        figures[name] = {"peak_gb": round(memory.peak_bytes / 2**30, 2), "seconds": round(memory.seconds, 1)}
+        print(f"{name:16} peak {memory.peak_bytes / 2**30:6.2f} GB resident  {memory.seconds:7.1f} s", flush=True)
         return result
     return wrapper
 
@@ -96,12 +62,12 @@ def main(argv=None):
         setattr(train_gsm8k, function, measured(name, getattr(train_gsm8k, function), figures, stop_above))
     problems = SMOKE_PROBLEMS if args.data == "smoke" else load_problems(args.data, "test")
 
-    with PhaseMemory("loading", stop_above) as memory:
+    with PeakMemory("cpu", stop_above, "loading") as memory:
         model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
         reference = train_gsm8k.reference_model(cfg, model, "cpu")
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    figures["loading"] = {"peak_gb": round(memory.peak / 2**30, 2), "seconds": round(memory.seconds, 1)}
-    print(f"loading          peak {memory.peak / 2**30:6.2f} GB resident  (policy, KL reference, AdamW)", flush=True)
+    figures["loading"] = {"peak_gb": round(memory.peak_bytes / 2**30, 2), "seconds": round(memory.seconds, 1)}
+    print(f"loading          peak {memory.peak_bytes / 2**30:6.2f} GB resident  (policy, KL reference, AdamW)", flush=True)
     if args.steady:  # the step as from the second on: AdamW's moments exist, the policy's weights are its own
         with torch.no_grad():  # (loaded weights are pages of the model file, shared with the reference's,
             for parameter in model.parameters():  # until an update writes them)
@@ -109,7 +75,7 @@ def main(argv=None):
                 parameter.grad = torch.zeros_like(parameter)
         optimizer.step()  # zero gradients: the moments are allocated, the weights do not move
         optimizer.zero_grad(set_to_none=True)
-        print(f"steady state     {resident() / 2**30:6.2f} GB resident  (AdamW's moments, the policy's own pages)")
+        print(f"steady state     {rss_bytes() / 2**30:6.2f} GB resident  (AdamW's moments, the policy's own pages)")
     optimizer.step = measured("optimizer step", optimizer.step, figures, stop_above)
     torch.manual_seed(0)
     train_gsm8k.evaluate(model, tokenizer, problems[:args.eval_size], cfg, "cpu")

@@ -31,6 +31,7 @@ import torch
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from demo.models import trainable
 from treerpo import nodes
 
 MANIFEST = "manifest.json"
@@ -299,8 +300,7 @@ def save_run(out: Path, step: int, model, tokenizer, optimizer, rng: list[dict],
     optimizer, every process's RNG states (`rng`, by rank), and run_state.json (the step, how many
     metrics records the run had logged, the processes, the config). Weights that are not finite
     are never saved."""
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    if not all(torch.isfinite(parameter).all() for parameter in trainable):
+    if not all(torch.isfinite(parameter).all() for parameter in trainable(model)):
         raise SystemExit(f"step {step}: the weights are not finite, so no checkpoint was saved (the last one remains)")
     return save_checkpoint(out, step, [
         model.save_pretrained, tokenizer.save_pretrained,
