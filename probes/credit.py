@@ -132,10 +132,20 @@ def show_trees(run: Path, tokenizer, count: int) -> str:
     return "\n\n".join(shown)
 
 
+def credited_openings(run: Path) -> float | None:
+    """The share of all openings (depth-1 nodes; a GRPO answer) of every saved tree, every question,
+    that got an advantage: their sibling group did not tie. None without trees.jsonl."""
+    if not (run / "trees.jsonl").is_file():
+        return None
+    advantages = [child["advantage"] for line in (run / "trees.jsonl").read_text().splitlines()
+                  for tree in json.loads(line)["trees"] for child in tree["nodes"] if child["parent"] == 0]
+    return sum(advantage is not None for advantage in advantages) / len(advantages) if advantages else None
+
+
 def run_summary(run: Path) -> dict | None:
     """One run's figures from its metrics.jsonl and run.json: held-out accuracy at each evaluation,
-    and over its training steps the generated tokens, seconds, leaves a question and kept nodes;
-    None before its first training step."""
+    and over its training steps the generated tokens, seconds, leaves a question, kept nodes and the
+    share of openings credited; None before its first training step."""
     records = read_records(run / "metrics.jsonl")
     steps = [record for record in records if "sample_s" in record]
     if not steps:
@@ -150,40 +160,49 @@ def run_summary(run: Path) -> dict | None:
             "seconds": sum(record["sample_s"] + record["loss_and_update_s"] for record in steps),
             "leaves_per_question": statistics.mean(record["leaves"] / questions for record in steps),
             "kept_nodes": [record["kept_nodes"] for record in steps],
-            "response_tokens": statistics.mean(record["response_tokens"] for record in steps)}
+            "response_tokens": statistics.mean(record["response_tokens"] for record in steps),
+            "credited_openings": credited_openings(run)}
 
 
 def summary_tables(runs: list[Path]) -> str:
     """Markdown: a row per run, then per method the mean and spread (sd) over its seeds."""
     def percent(values):
         return " → ".join(f"{value:.1%}".replace(".0%", "%") for value in values)
+
+    def share(value):
+        return "-" if value is None else f"{value:.0%}"
     lines = ["| run | held-out strict % by evaluation | lenient % | train tokens | training s | leaves a question "
-             "| kept nodes a step (min-max) | answer tokens (train mean, last eval) |", "|" + " --- |" * 8]
+             "| kept nodes a step (min-max) | openings credited | answer tokens (train mean, last eval) |", "|" + " --- |" * 9]
     methods = {}
     for run in runs:
         figures = run_summary(run)
         if figures is None:
-            lines.append(f"| {run.name} (no training step yet) |" + " |" * 7)
+            lines.append(f"| {run.name} (no training step yet) |" + " |" * 8)
             continue
         methods.setdefault(method_of(run), []).append(figures)
         name = run.name if figures["eval_steps"][-1] == figures["steps"] else f"{run.name} (to step {figures['steps']})"
         lines.append(f"| {name} | {percent(figures['strict'])} | {percent(figures['lenient'])} | "
                      f"{figures['tokens']:,} | {figures['seconds']:,.0f} | {figures['leaves_per_question']:.1f} | "
                      f"{statistics.mean(figures['kept_nodes']):.0f} ({min(figures['kept_nodes'])}-"
-                     f"{max(figures['kept_nodes'])}) | {figures['response_tokens']:.1f}, {figures['eval_tokens']:.1f} |")
+                     f"{max(figures['kept_nodes'])}) | {share(figures['credited_openings'])} | "
+                     f"{figures['response_tokens']:.1f}, {figures['eval_tokens']:.1f} |")
     lines += ["", "| method | seeds | final strict % | final lenient % | best strict % | train tokens | training s "
-              "| answer tokens, last eval |", "|" + " --- |" * 8]
+              "| openings credited | answer tokens, last eval |", "|" + " --- |" * 9]
 
     def spread(values, scale=1.0, digits=1):
         values = [value * scale for value in values]
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):,.{digits}f} ± {sd:,.{digits}f}"
+
+    def credited(figures):
+        shares = [f["credited_openings"] for f in figures]
+        return "-" if None in shares else spread(shares, 100, digits=0).replace(" ±", "% ±") + "%"
     for method, figures in methods.items():
         lines.append(f"| {method} | {len(figures)} | {spread([f['strict'][-1] for f in figures], 100)} | "
                      f"{spread([f['lenient'][-1] for f in figures], 100)} | "
                      f"{spread([max(f['strict']) for f in figures], 100)} | "
                      f"{spread([f['tokens'] for f in figures], digits=0)} | {spread([f['seconds'] for f in figures], digits=0)} | "
-                     f"{spread([f['eval_tokens'] for f in figures])} |")
+                     f"{credited(figures)} | {spread([f['eval_tokens'] for f in figures])} |")
     return "\n".join(lines)
 
 

@@ -40,3 +40,13 @@ def test_summary_adds_up_the_records(tmp_path):
     assert figures["leaves_per_question"] == pytest.approx(sum(r["leaves"] for r in steps) / len(steps) / 4)
     table = credit.summary_tables([out])
     assert "| treerpo-s0 |" in table and "| treerpo | 1 |" in table
+
+
+def test_credited_openings_counts_the_depth_one_nodes_with_an_advantage(tmp_path):
+    def tree(*advantages):  # a root, its openings with these advantages, and one grandchild that is not counted
+        nodes = [{"parent": -1, "advantage": None}] + [{"parent": 0, "advantage": a} for a in advantages]
+        return {"nodes": nodes + [{"parent": 1, "advantage": 0.7}]}
+    records = [{"step": 1, "trees": [tree(0.5, None)]}, {"step": 2, "trees": [tree(None, None, None), tree(-1.0, 1.0)]}]
+    (tmp_path / "trees.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert credit.credited_openings(tmp_path) == 3 / 7
+    assert credit.credited_openings(tmp_path / "no-trees") is None
