@@ -273,24 +273,41 @@ def test_readme_example_trains(capsys, monkeypatch, tmp_path):
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
 
 
-def test_readme_learning_commands_are_the_recipe(tmp_path, monkeypatch):
-    """The commands of README "Does it learn?", run through bash with `python` caught: each is a
-    valid command line of the CPU recipe (the brief prompt, --data easy), one per method."""
+def train_commands(text: str, monkeypatch, tmp_path) -> list:
+    """The Configs of the `train_gsm8k.py` runs in the first bash block of a doc's text, run through
+    bash with `python` caught: each must be a valid command line."""
     import subprocess
     import train_gsm8k
-    section = (Path(__file__).parent / "docs" / "learning.md").read_text()
-    commands = section.split("```bash\n")[1].split("```")[0]
+    commands = text.split("```bash\n")[1].split("```")[0]
     catch = 'python() { if [ "$1" = train_gsm8k.py ]; then shift; printf "%s\\0" "$@"; echo; fi; }\n'
     printed = subprocess.run(["bash", "-c", catch + commands], capture_output=True, text=True, check=True).stdout
     monkeypatch.chdir(tmp_path)  # the runs' --out folders do not exist here
     runs = [line.split("\0")[:-1] for line in printed.splitlines() if not line.startswith("--plot")]
-    training = [train_gsm8k.parse_args(argv)[0] for argv in runs]
+    return [train_gsm8k.parse_args(argv)[0] for argv in runs]
+
+
+def test_readme_learning_commands_are_the_recipe(tmp_path, monkeypatch):
+    """The commands of README "Does it learn?": the CPU recipe (the brief prompt, --data easy), one per method."""
+    training = train_commands((Path(__file__).parent / "docs" / "learning.md").read_text(), monkeypatch, tmp_path)
     assert {(cfg.method, cfg.width if cfg.method != "treerpo" else cfg.branch) for cfg in training} == {
         ("treerpo", 2), ("grpo", 8), ("grpo", 4), ("treepo", 8)}
     for cfg in training:
         prompt = reward.SYSTEM_PROMPTS.get(cfg.system_prompt, cfg.system_prompt)
         assert (cfg.data, prompt, cfg.device) == ("easy", reward.SYSTEM_PROMPTS["brief"], "cpu")
         assert (cfg.depth, cfg.segment_tokens, cfg.lr, cfg.steps) == (3, 16, 1e-5, 20)
+
+
+def test_the_wide_credit_commands_are_nine_runs_of_one_recipe(tmp_path, monkeypatch):
+    """docs/credit.md, "Wide groups": TreeRPO N=4 and GRPO at 9 and 15 answers, seeds 0-2, each in its
+    own folder, all on the same questions, answer length, prompt, reward and steps."""
+    section = (Path(__file__).parent / "docs" / "credit.md").read_text().split("## Wide groups")[1]
+    training = train_commands(section, monkeypatch, tmp_path)
+    assert sorted((cfg.method, cfg.branch if cfg.method == "treerpo" else cfg.width, cfg.seed) for cfg in training) == sorted(
+        (method, size, seed) for method, size in (("treerpo", 4), ("grpo", 9), ("grpo", 15)) for seed in (0, 1, 2))
+    assert len({cfg.out for cfg in training}) == 9
+    for cfg in training:
+        assert (cfg.data, cfg.system_prompt, cfg.reward, cfg.depth, cfg.segment_tokens, cfg.steps, cfg.eval_size) == (
+            "steps", "lines", "strict", 2, 24, 20, 200)
 
 
 def test_format_tree_on_a_hand_built_tree(tokenizer):
