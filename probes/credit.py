@@ -142,6 +142,26 @@ def credited_openings(run: Path) -> float | None:
     return sum(advantage is not None for advantage in advantages) / len(advantages) if advantages else None
 
 
+def tied_groups(run: Path) -> tuple[float, float | None] | None:
+    """(first level, deeper levels): the share of sibling groups of two or more whose nodes all got
+    no advantage (they tied, and were pruned), in every saved tree. None without trees.jsonl; the
+    deeper share is None for GRPO's one-level trees."""
+    if not (run / "trees.jsonl").is_file():
+        return None
+    first, deeper = [], []
+    for line in (run / "trees.jsonl").read_text().splitlines():
+        for tree in json.loads(line)["trees"]:
+            children = {}
+            for node in tree["nodes"]:
+                if node["parent"] >= 0:
+                    children.setdefault(node["parent"], []).append(node["advantage"])
+            for parent, advantages in children.items():
+                if len(advantages) > 1:
+                    (first if parent == 0 else deeper).append(all(a is None for a in advantages))
+    share = lambda tied: sum(tied) / len(tied) if tied else None  # noqa: E731
+    return share(first), share(deeper)
+
+
 def run_summary(run: Path) -> dict | None:
     """One run's figures from its metrics.jsonl and run.json: held-out accuracy at each evaluation,
     and over its training steps the generated tokens, seconds, leaves a question, kept nodes and the
@@ -151,17 +171,19 @@ def run_summary(run: Path) -> dict | None:
     if not steps:
         return None
     evaluations = [record for record in records if "eval_strict" in record]
-    questions = json.loads((run / "run.json").read_text())["prompts_per_step"]
+    settings = json.loads((run / "run.json").read_text())
+    questions = settings["prompts_per_step"]
     return {"strict": [record["eval_strict"] for record in evaluations],
             "lenient": [record["eval_lenient"] for record in evaluations],
             "eval_steps": [record["step"] for record in evaluations], "steps": len(steps),
+            "finished": len(steps) == settings["steps"] and evaluations[-1]["step"] == len(steps),
             "eval_tokens": evaluations[-1]["eval_response_tokens"],
             "tokens": sum(record["tokens_generated"] for record in steps),
             "seconds": sum(record["sample_s"] + record["loss_and_update_s"] for record in steps),
             "leaves_per_question": statistics.mean(record["leaves"] / questions for record in steps),
             "kept_nodes": [record["kept_nodes"] for record in steps],
             "response_tokens": statistics.mean(record["response_tokens"] for record in steps),
-            "credited_openings": credited_openings(run)}
+            "credited_openings": credited_openings(run), "tied_groups": tied_groups(run)}
 
 
 def summary_tables(runs: list[Path]) -> str:
@@ -172,19 +194,22 @@ def summary_tables(runs: list[Path]) -> str:
     def share(value):
         return "-" if value is None else f"{value:.0%}"
     lines = ["| run | held-out strict % by evaluation | lenient % | train tokens | training s | leaves a question "
-             "| kept nodes a step (min-max) | openings credited | answer tokens (train mean, last eval) |", "|" + " --- |" * 9]
+             "| kept nodes a step (min-max) | openings credited | groups tied (first level, below) "
+             "| answer tokens (train mean, last eval) |", "|" + " --- |" * 10]
     methods = {}
     for run in runs:
         figures = run_summary(run)
         if figures is None:
-            lines.append(f"| {run.name} (no training step yet) |" + " |" * 8)
+            lines.append(f"| {run.name} (no training step yet) |" + " |" * 9)
             continue
-        methods.setdefault(method_of(run), []).append(figures)
-        name = run.name if figures["eval_steps"][-1] == figures["steps"] else f"{run.name} (to step {figures['steps']})"
+        if figures["finished"]:  # a method's row is over finished runs only
+            methods.setdefault(method_of(run), []).append(figures)
+        name = run.name if figures["finished"] else f"{run.name} (to step {figures['steps']}, not in the method's row)"
         lines.append(f"| {name} | {percent(figures['strict'])} | {percent(figures['lenient'])} | "
                      f"{figures['tokens']:,} | {figures['seconds']:,.0f} | {figures['leaves_per_question']:.1f} | "
                      f"{statistics.mean(figures['kept_nodes']):.0f} ({min(figures['kept_nodes'])}-"
                      f"{max(figures['kept_nodes'])}) | {share(figures['credited_openings'])} | "
+                     f"{', '.join(map(share, figures['tied_groups'] or (None,)))} | "
                      f"{figures['response_tokens']:.1f}, {figures['eval_tokens']:.1f} |")
     lines += ["", "| method | seeds | final strict % | final lenient % | best strict % | train tokens | training s "
               "| openings credited | answer tokens, last eval |", "|" + " --- |" * 9]

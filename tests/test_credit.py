@@ -40,6 +40,9 @@ def test_summary_adds_up_the_records(tmp_path):
     assert figures["leaves_per_question"] == pytest.approx(sum(r["leaves"] for r in steps) / len(steps) / 4)
     table = credit.summary_tables([out])
     assert "| treerpo-s0 |" in table and "| treerpo | 1 |" in table
+    (out / "run.json").write_text(json.dumps({**json.loads((out / "run.json").read_text()), "steps": 6}))
+    unfinished = credit.summary_tables([out])  # a run that has not reached its last step is in no method's row
+    assert "| treerpo-s0 (to step 4, not in the method's row) |" in unfinished and "| treerpo | 1 |" not in unfinished
 
 
 def test_credited_openings_counts_the_depth_one_nodes_with_an_advantage(tmp_path):
@@ -50,3 +53,16 @@ def test_credited_openings_counts_the_depth_one_nodes_with_an_advantage(tmp_path
     (tmp_path / "trees.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     assert credit.credited_openings(tmp_path) == 3 / 7
     assert credit.credited_openings(tmp_path / "no-trees") is None
+
+
+def test_tied_groups_by_level(tmp_path):
+    # one tree: openings 1 and 2 credited; below 1 a tied pair, below 2 a credited pair, below 5 a lone child (no group);
+    # another tree: its openings tied
+    nodes = [{"parent": -1, "advantage": None}, {"parent": 0, "advantage": 0.5}, {"parent": 0, "advantage": -0.5},
+             {"parent": 1, "advantage": None}, {"parent": 1, "advantage": None},
+             {"parent": 2, "advantage": 1.0}, {"parent": 2, "advantage": -1.0}, {"parent": 5, "advantage": None}]
+    tied_root = [{"parent": -1, "advantage": None}, {"parent": 0, "advantage": None}, {"parent": 0, "advantage": None}]
+    records = [{"step": 1, "trees": [{"nodes": nodes}, {"nodes": tied_root}]}]
+    (tmp_path / "trees.jsonl").write_text(json.dumps(records[0]) + "\n")
+    assert credit.tied_groups(tmp_path) == (1 / 2, 1 / 2)
+    assert credit.tied_groups(tmp_path / "no-trees") is None
