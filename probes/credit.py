@@ -67,17 +67,14 @@ def two_step(record: dict) -> tuple[str, str] | None:
 
 def openings(run: Path, tokenizer, segment_tokens: int):
     """(step, class, advantage or None) for every opening of every unambiguous two-step tree."""
-    for line in (run / "trees.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        for tree in record["trees"]:
-            known = two_step(tree)
-            if known is None:
-                continue
-            root = rebuild(tree)
-            for child in root.children:
-                tokens = child.tokens[:segment_tokens]  # a GRPO answer: its first L tokens; a tree: the segment
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                yield record["step"], opening_class(text, tree["question"], *known), child.advantage
+    for step, tree in saved_trees(run):
+        known = two_step(tree)
+        if known is None:
+            continue
+        for child in rebuild(tree).children:
+            tokens = child.tokens[:segment_tokens]  # a GRPO answer: its first L tokens; a tree: the segment
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            yield step, opening_class(text, tree["question"], *known), child.advantage
 
 
 def credit_table(runs: list[Path], tokenizer, segment_tokens: int) -> dict:
@@ -119,17 +116,23 @@ def method_of(run: Path) -> str:
 def show_trees(run: Path, tokenizer, count: int) -> str:
     """The first `count` two-step trees, after step 5, whose openings got different advantages."""
     shown = []
+    for step, tree in saved_trees(run):
+        root = rebuild(tree)
+        advantages = {child.advantage for child in root.children}
+        if step > 5 and two_step(tree) and len(advantages) > 1 and None not in advantages:
+            shown.append(f"step {step}: {tree['question']} (answer {reference_answer(tree['answer'])})\n"
+                         + format_tree(root, tokenizer, width=44, show=("reward", "value", "advantage")))
+        if len(shown) == count:
+            return "\n\n".join(shown)
+    return "\n\n".join(shown)
+
+
+def saved_trees(run: Path):
+    """(step, tree record) for every tree a run saved in its trees.jsonl."""
     for line in (run / "trees.jsonl").read_text().splitlines():
         record = json.loads(line)
         for tree in record["trees"]:
-            root = rebuild(tree)
-            advantages = {child.advantage for child in root.children}
-            if record["step"] > 5 and two_step(tree) and len(advantages) > 1 and None not in advantages:
-                shown.append(f"step {record['step']}: {tree['question']} (answer {reference_answer(tree['answer'])})\n"
-                             + format_tree(root, tokenizer, width=44, show=("reward", "value", "advantage")))
-            if len(shown) == count:
-                return "\n\n".join(shown)
-    return "\n\n".join(shown)
+            yield record["step"], tree
 
 
 def credited_openings(run: Path) -> float | None:
@@ -137,8 +140,7 @@ def credited_openings(run: Path) -> float | None:
     that got an advantage: their sibling group did not tie. None without trees.jsonl."""
     if not (run / "trees.jsonl").is_file():
         return None
-    advantages = [child["advantage"] for line in (run / "trees.jsonl").read_text().splitlines()
-                  for tree in json.loads(line)["trees"] for child in tree["nodes"] if child["parent"] == 0]
+    advantages = [child["advantage"] for _, tree in saved_trees(run) for child in tree["nodes"] if child["parent"] == 0]
     return sum(advantage is not None for advantage in advantages) / len(advantages) if advantages else None
 
 
@@ -149,23 +151,22 @@ def tied_groups(run: Path) -> tuple[float, float | None] | None:
     if not (run / "trees.jsonl").is_file():
         return None
     first, deeper = [], []
-    for line in (run / "trees.jsonl").read_text().splitlines():
-        for tree in json.loads(line)["trees"]:
-            children = {}
-            for node in tree["nodes"]:
-                if node["parent"] >= 0:
-                    children.setdefault(node["parent"], []).append(node["advantage"])
-            for parent, advantages in children.items():
-                if len(advantages) > 1:
-                    (first if parent == 0 else deeper).append(all(a is None for a in advantages))
+    for _, tree in saved_trees(run):
+        children = {}
+        for node in tree["nodes"]:
+            if node["parent"] >= 0:
+                children.setdefault(node["parent"], []).append(node["advantage"])
+        for parent, advantages in children.items():
+            if len(advantages) > 1:
+                (first if parent == 0 else deeper).append(all(a is None for a in advantages))
     share = lambda tied: sum(tied) / len(tied) if tied else None  # noqa: E731
     return share(first), share(deeper)
 
 
 def run_summary(run: Path) -> dict | None:
     """One run's figures from its metrics.jsonl and run.json: held-out accuracy at each evaluation,
-    and over its training steps the generated tokens, seconds, leaves a question, kept nodes and the
-    share of openings credited; None before its first training step."""
+    and over its training steps the generated tokens, seconds, leaves a question, kept nodes, the
+    share of openings credited and of groups tied; None before its first training step."""
     records = read_records(run / "metrics.jsonl")
     steps = [record for record in records if "sample_s" in record]
     if not steps:
