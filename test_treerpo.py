@@ -421,6 +421,31 @@ def test_packed_tree_loss_equals_leaf_path_loss(tokenizer, arch, attention):
     assert grads.abs().sum() > 0
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_bf16_autocast_is_close_to_fp32(tokenizer, arch):
+    """The demo's --dtype bf16 on a CPU: the same weights (fp32) with the compute under bf16 autocast.
+    bf16 keeps 8 bits of mantissa, so each matmul's output is rounded by up to 2^-9 of its size;
+    on this peaked model (log-probs spread over ~1.6 nats) that moved a log-prob by 0.02 nats on
+    average and 0.1 at most. Tolerances, 2-2.5x that: mean 0.05, max 0.25 nats; the gradient within
+    10% in norm and 0.99 in cosine. And a difference at all, or the compute did not run in bf16."""
+    model = tiny_model(len(tokenizer), arch=arch)
+    roots = scored_trees(model, tokenizer)
+    input_ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    results = []
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            with torch.no_grad():
+                logprobs = token_logprobs(model, input_ids, torch.ones_like(input_ids))
+            results.append((logprobs, *loss_and_gradient(model, roots)))
+    (logprobs, loss, stats, grads), (bf16_logprobs, bf16_loss, bf16_stats, bf16_grads) = results
+    difference = (bf16_logprobs - logprobs).abs()
+    assert 1e-4 < difference.mean() < 0.05 and difference.max() < 0.25 and logprobs.std() > 1
+    assert bf16_stats["tokens"] == stats["tokens"] and bf16_loss == pytest.approx(loss, abs=0.01)
+    assert (bf16_grads - grads).norm() < 0.1 * grads.norm()
+    assert torch.nn.functional.cosine_similarity(bf16_grads, grads, dim=0) > 0.99
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+
+
 def loss_and_gradient(model, roots, **kwargs):
     model.zero_grad()
     loss, stats = backward_loss(model, roots, **kwargs)
@@ -964,16 +989,21 @@ def test_smoke_run_covers_every_path_and_resume_is_exact(tmp_path):
 
 def test_script_errors_are_clear(tmp_path, monkeypatch, capsys):
     import train_gsm8k
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="(?s)no CUDA GPU found.*--device cpu"):
-        train_gsm8k.main(["--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         train_gsm8k.main(["--smoke", "--resume", "--out", str(tmp_path)])
     assert "error: --resume: no checkpoint in" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="could not load the dataset 'openai/gsm8k'"):
         reward.load_problems("openai/gsm8k", "train")
-    with pytest.raises(SystemExit, match="could not load the tokenizer of 'no-such/model'"):
+    with pytest.raises(SystemExit, match="could not load the tokenizer of 'no-such/model'.*Check the name and the network"):
         train_gsm8k.load_model_and_tokenizer(train_gsm8k.Config(model="no-such/model"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # a local folder: the network is not the problem
+    with pytest.raises(SystemExit, match="could not load the tokenizer of .*model'.*Is it a model folder") as error:
+        train_gsm8k.load_model_and_tokenizer(train_gsm8k.Config(model=str(tmp_path / "model")))
+    assert "network" not in str(error.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA GPU found: this demo is meant for one GPU. Pass --device cpu" in refused(
+        ["--out", str(tmp_path)], capsys, monkeypatch)
 
 
 def test_an_unreachable_hub_is_one_short_attempt(tmp_path, capsys, monkeypatch):
@@ -1036,6 +1066,30 @@ def test_bad_flags_are_refused_before_anything_loads(tmp_path, capsys, monkeypat
     assert "error: " in line and message in line
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cuda"], "--device cuda: this torch (2"),
+    (["--device", "cuda:1"], "sees no CUDA GPU; --device cpu runs on the CPU"),
+    (["--device", "gpu"], "--device gpu: not a device; use cpu, cuda, cuda:N or auto"),
+    (["--device", "meta"], "--device meta: this demo runs on cpu or cuda (cuda:N)"),
+    (["--branch", "1"], "--branch 1 with --method treerpo: one answer per group has nothing to be compared with"),
+    (["--method", "grpo", "--width", "1"], "--width 1 with --method grpo: one answer per group"),
+    (["--method", "treepo", "--width", "1"], "--width 1 with --method treepo: one answer per group"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+    (["--data", "one.jsonl"], "--data one.jsonl is one file, and the demo needs a train and a test split"),
+    (["--model", "empty"], "--model empty: this folder holds no config.json, so it is not a model folder"),
+    (["--model", "one.jsonl"], "--model one.jsonl is a file: pass the folder that holds the model"),
+])
+def test_a_new_users_mistakes_are_one_line_each(tmp_path, capsys, monkeypatch, flags, message):
+    """Each of these once got a traceback, a wrong guess or nothing at all (a --branch 1 run trained
+    nothing for as long as it ran); now each is one line, before anything loads or is created."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "one.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    assert message in refused(["--smoke", "--out", str(tmp_path / "run"), *flags], capsys, monkeypatch)
+    assert not (tmp_path / "run").exists()  # no folder, no run.lock left behind
+
+
 def test_unwritable_out_and_plot_without_metrics_are_refused(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("")
     assert "cannot create a folder there" in refused(["--smoke", "--out", str(tmp_path / "a_file" / "run")],
@@ -1047,7 +1101,7 @@ def test_out_in_use_is_refused_and_a_finished_run_is_not_resumed(tmp_path, capsy
     import json
     out = tmp_path / "run"
     first = run_script("--smoke", "--steps", "2", "--out", str(out))
-    assert "already holds a run (metrics.jsonl): pass --resume" in refused(["--out", str(out)], capsys, monkeypatch)
+    assert "already holds a run (metrics.jsonl): pass --resume" in refused(["--out", str(out), "--device", "cpu"], capsys, monkeypatch)
     assert "already reached step 2 of --steps 2; raise --steps" in refused(
         ["--smoke", "--steps", "2", "--resume", "--out", str(out)], capsys, monkeypatch)
     monkeypatch.undo()
@@ -1217,6 +1271,20 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
         train_gsm8k.main(["--plot", str(tmp_path)])
 
 
+def test_every_picture_without_matplotlib_says_how_to_install_before_any_work(tmp_path, monkeypatch):
+    import sys
+    from pictures import draw_tree
+    from probes import anatomy
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(draw_tree, "real_tree", lambda *args: pytest.fail("sampled a tree before the check"))
+    monkeypatch.setattr(anatomy, "sample_scored", lambda *args, **kwargs: pytest.fail("sampled before the check"))
+    for main, argv in ((draw_tree.main, ["out/smollm2", str(tmp_path / "tree.png")]),
+                       (draw_tree.main, ["--tiny", str(tmp_path / "tree.png")]),
+                       (anatomy.main, ["--model", "out/smollm2", "--out", str(tmp_path)])):
+        with pytest.raises(SystemExit, match="^[^\n]* needs matplotlib, an optional dependency: pip install matplotlib$"):
+            main(argv)
+
+
 def test_help_lists_every_knob_with_its_default(capsys, tmp_path):
     import dataclasses
     import train_gsm8k
@@ -1228,7 +1296,7 @@ def test_help_lists_every_knob_with_its_default(capsys, tmp_path):
     assert "(default: 128)" in parser_help and "(default: Qwen/Qwen2.5-0.5B-Instruct)" in parser_help
     assert "'easy'" in parser_help and "--no-" not in parser_help  # every data source; switches without --no- twins
     out = ["--out", str(tmp_path / "run")]  # whatever the working folder holds
-    config, _ = train_gsm8k.parse_args(out)
+    config, _ = train_gsm8k.parse_args([*out, "--device", "cpu"])  # auto is refused without a GPU
     assert (config.branch, config.depth, config.segment_tokens, config.lr) == (4, 3, 128, 1e-6)
     smoke, _ = train_gsm8k.parse_args(["--smoke", "--branch", "3", *out])
     assert smoke.smoke and smoke.depth == 2 and smoke.branch == 3  # smoke defaults, command line on top

@@ -19,6 +19,7 @@ field of Config and a flag; demo/flags.py checks them all before anything is loa
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -99,6 +100,8 @@ class Config:
                                    "to <out>/trees/step_K.txt (0: never)", at_least=0)
     seed: int = knob(0, "random seed (data order and sampling)")
     device: str = knob("auto", "cuda, cpu, or auto (cuda; the CPU only when asked or with --smoke)")
+    dtype: str = knob("auto", "compute precision, the weights and AdamW staying fp32: bf16 (autocast, any device), "
+                              "fp32, or auto (bf16 on a GPU, fp32 on a CPU)", choices=gpu.DTYPES)
     resume: bool = knob(False, "continue from the newest checkpoint in --out")
     overwrite: bool = knob(False, "start over in an --out that already holds a run (its files are deleted)")
     smoke: bool = knob(False, "offline CPU run of every path: --model tiny, --data smoke, a small tree, 4 steps, "
@@ -121,6 +124,8 @@ def train(cfg: Config, argv: list[str] = ()) -> dict | None:
     process runs this; process 0 owns the folder (demo/distributed.py)."""
     rank, world, device = distributed.start(gpu.pick_device(cfg.device))
     out, owner = Path(cfg.out), rank == 0
+    if owner and gpu.precision_note(device, cfg.dtype):
+        print(gpu.precision_note(device, cfg.dtype), file=sys.stderr)
     try:
         with run_folder.opened(out, overwrite=cfg.overwrite, resume=cfg.resume, owner=owner) as checkpoint:
             checkpoint = distributed.gather([checkpoint])[0]  # process 0's, once it holds the folder
@@ -135,74 +140,92 @@ def train(cfg: Config, argv: list[str] = ()) -> dict | None:
             ref_model = reference_model(cfg, model, device)
             if world > 1:  # each process samples its own answers
                 torch.manual_seed(cfg.seed * 1000 + rank)
-            first_step, records = run_folder.resume_run(checkpoint, optimizer, out, rank) if checkpoint else (0, 0)
+            begin = run_folder.resume_run(checkpoint, optimizer, out, rank) if checkpoint else run_folder.Begin()
             if owner:
                 (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))  # what this run is
-            return run(model, ref_model, tokenizer, optimizer, train_problems, eval_problems, first_step, records,
-                       cfg, device, argv)
+            return run(model, ref_model, tokenizer, optimizer, train_problems, eval_problems, begin, cfg, device, argv)
     finally:
         distributed.finish()
 
 
-def run(model, ref_model, tokenizer, optimizer, train_problems, eval_problems, first_step, records, cfg, device, argv):
-    """The loop: a step, what is due after it (trees shown, an evaluation), its record, a checkpoint."""
-    out, started, history, record = Path(cfg.out), time.perf_counter(), [], None
-    rank, world = distributed.rank_and_world()
-    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as metrics, run_folder.GracefulStop() as stop:
-        if first_step == 0:
-            record = {"step": 0, **evaluate(model, tokenizer, eval_problems, cfg, device)}
-            records = run_folder.append_record(metrics, record, records)
-        steps = tqdm(range(first_step + 1, cfg.steps + 1), desc="training", initial=first_step, total=cfg.steps,
-                     disable=rank > 0)
-        for step in steps:
+def run(model, ref_model, tokenizer, optimizer, train_problems, eval_problems, begin, cfg, device, argv):
+    """The loop from `begin`: a step, then what is due after it (trees shown, an evaluation), its
+    record, a checkpoint. A stop drops a step before its update, or an evaluation, which a resumed
+    run does again exactly; an update or a save is finished first (run_folder.GracefulStop)."""
+    out, started, history, rank, world = Path(cfg.out), time.perf_counter(), [], *distributed.rank_and_world()
+    step, records, saved = begin.step, begin.records, begin.checkpoint
+    record = begin.pending or ({"step": 0} if step == 0 and records == 0 else None)  # still to evaluate, record
+    checkpoint = functools.partial(run_folder.save_step, out, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                   cfg=cfg)
+    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a") as metrics, run_folder.GracefulStop(
+            can_drop=world == 1) as stop, tqdm(total=cfg.steps, initial=step, desc="training", disable=rank > 0) as bar:
+        while True:
+            if record is not None:  # the step's evaluation if due, its record, a checkpoint if due
+                rng = run_folder.rng_state()  # what a stop during the evaluation saves
+                try:
+                    record |= evaluation(model, tokenizer, eval_problems, cfg, device, step, stop)
+                except run_folder.Dropped:  # the step is saved with its record pending, evaluated on resume
+                    saved = checkpoint(step, rng=rng, records=records, pending=record) if step else None
+                    when = f"after step {step} of {cfg.steps}" if step else "before training"
+                    run_folder.stopped(stop, f"during the evaluation {when}", saved, argv)
+                records = run_folder.append_record(metrics, record | gpu.peak_memory(device), records)
+                history += [record] if step else []
+                trouble, stopping = run_folder.check_health(history), distributed.anyone(stop.requested, device)
+                due = step % cfg.save_every == 0 or step == cfg.steps or (step == begin.step and begin.pending)
+                if (step and due) or (stopping and step < cfg.steps) or trouble:
+                    saved = checkpoint(step, rng=run_folder.rng_state(), records=records)
+                if stopping and step < cfg.steps:
+                    run_folder.stopped(stop, f"after step {step} of {cfg.steps}", saved, argv)
+                if trouble:
+                    raise SystemExit(f"{trouble} The last step's checkpoint is {saved}." if rank == 0 else 1)
+            if step == cfg.steps:
+                break
+            step, rng = step + 1, run_folder.rng_state()  # what a stop before the update saves, as step - 1's
             problems = [train_problems[((step - 1) * cfg.prompts_per_step + i) % len(train_problems)]
                         for i in range(cfg.prompts_per_step)]
-            record, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device)
+            try:
+                with stop.droppable():
+                    record, roots = train_step(model, ref_model, tokenizer, optimizer, problems, cfg, device, stop)
+            except run_folder.Dropped:  # the weights are still step - 1's: saved as such, the step done again
+                optimizer.zero_grad(set_to_none=True)
+                if saved is None or run_folder.checkpoint_step(saved) != step - 1:
+                    saved = checkpoint(step - 1, rng=rng, records=records)
+                run_folder.stopped(stop, f"during step {step} of {cfg.steps}, before its update", saved, argv)
             record = {"step": step, **record}
             if rank == 0:
-                show_and_save_trees(roots, problems, tokenizer, step, cfg)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                start = time.perf_counter()
-                record |= evaluate(model, tokenizer, eval_problems, cfg, device)
-                record["eval_s"] = time.perf_counter() - start
-            record |= gpu.peak_memory(device)
-            records = run_folder.append_record(metrics, record, records)
-            history.append(record)
-            steps.set_postfix(reward=f"{record['reward']:.3f}", kept=record["kept_nodes"])
-            trouble, stopping = run_folder.check_health(history), distributed.anyone(stop.requested, device)
-            if step % cfg.save_every == 0 or step == cfg.steps or stopping or trouble:
-                rng = distributed.gather([run_folder.rng_state()])  # every process's, by rank
-                saved = run_folder.save_run(out, step, model, tokenizer, optimizer, rng, {
-                    "step": step, "metrics_records": records, "processes": world,
-                    "config": dataclasses.asdict(cfg)}) if rank == 0 else None
-                distributed.barrier()  # no process leaves before the checkpoint is whole
-            if stopping:
-                steps.close()
-                if rank == 0:
-                    print(f"stopped by {stop.requested or 'a stop signal'} after step {step} of {cfg.steps}; "
-                          f"checkpoint in {saved}. Resume with: {run_folder.resume_command(argv)}")
-                raise SystemExit(130)
-            if trouble:
-                raise SystemExit(f"{trouble} The last step's checkpoint is {saved}." if rank == 0 else 1)
+                run_folder.show_and_keep_trees(out, roots, problems, tokenizer, step, cfg.show_tree_every,
+                                               cfg.save_trees)
+            bar.update()
+            bar.set_postfix(reward=f"{record['reward']:.3f}", kept_nodes=record["kept_nodes"])
     if rank == 0:
-        print(run_folder.closing_line(out, first_step, cfg.steps, time.perf_counter() - started)
+        print(run_folder.closing_line(out, begin.step, cfg.steps, time.perf_counter() - started)
               + (" (a smoke run: a tiny random model answers nothing; it checks that every path runs)" if cfg.smoke else ""))
     return record
 
 
-def train_step(model, ref_model, tokenizer, optimizer, problems: list[dict], cfg: Config, device: str):
+def evaluation(model, tokenizer, eval_problems, cfg: Config, device: str, step: int, stop) -> dict:
+    """The evaluation due after `step` (0, every --eval-every, the last), with its seconds, or {}."""
+    if step and not ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+        return {}
+    start = time.perf_counter()
+    with stop.droppable():
+        scores = evaluate(model, tokenizer, eval_problems, cfg, device, stop)
+    return scores | ({"eval_s": time.perf_counter() - start} if step else {})
+
+
+def train_step(model, ref_model, tokenizer, optimizer, problems: list[dict], cfg: Config, device: str, stop=None):
     """Sample and score this process's share of the step's questions, then `learn` from every
-    process's trees. Returns (the step's record, every tree)."""
+    process's trees. Returns (the step's record, every tree). stop: the run's GracefulStop."""
     rank, world = distributed.rank_and_world()
     start = time.perf_counter()
     with gpu.phase("sampling"):
         mine = sample_and_score(model, tokenizer, distributed.share(problems, rank, world), cfg, device)
     sampled = time.perf_counter()
-    record, roots = learn(model, ref_model, optimizer, mine, cfg, device)
+    record, roots = learn(model, ref_model, optimizer, mine, cfg, device, stop)
     return record | {"sample_s": sampled - start, "loss_and_update_s": time.perf_counter() - sampled}, roots
 
 
-def learn(model, ref_model, optimizer, mine: list, cfg: Config, device: str):
+def learn(model, ref_model, optimizer, mine: list, cfg: Config, device: str, stop=None):
     """Credit every process's scored trees (the same advantages in every process), then
     --updates-per-batch rounds of loss and update on this process's trees (`mine`). Returns (the
     record over every tree: the first update's loss, the mean clip fraction; every tree)."""
@@ -215,17 +238,18 @@ def learn(model, ref_model, optimizer, mine: list, cfg: Config, device: str):
     my_trees, total = distributed.share(trees, rank, world), counted_tokens(trees)  # divide by the batch's count
     updates = []
     while len(updates) < cfg.updates_per_batch and not (updates and updates[-1]["skipped"]):
-        updates.append(update(model, ref_model, optimizer, my_trees, total, cfg, device))
+        updates.append(update(model, ref_model, optimizer, my_trees, total, cfg, device, stop))
     clip_fraction = sum(done["clip_fraction"] for done in updates) / len(updates)
     return {**tree_metrics(roots, cfg.method), **updates[0], "clip_fraction": clip_fraction, "updates": len(updates),
             "skipped": updates[-1]["skipped"]}, roots
 
 
-def update(model, ref_model, optimizer, trees, total_tokens, cfg: Config, device: str) -> dict:
+def update(model, ref_model, optimizer, trees, total_tokens, cfg: Config, device: str, stop=None) -> dict:
     """The loss, back-propagated (divided by the batch's `total_tokens`; every process's gradients
     summed), and one AdamW step: never with a loss or gradient that is not finite (the weights stay
-    finite), nor when nothing counted (weight decay alone should not step)."""
-    with gpu.phase("the loss"), gpu.autocast(device):
+    finite), nor when nothing counted (weight decay alone should not step). From the AdamW step on,
+    a stop waits for the step's end (`stop.commit()`): the weights have moved."""
+    with gpu.phase("the loss"), gpu.autocast(device, cfg.dtype):
         loss, stats = backward_loss(model, trees, ref_model=ref_model, kl_coef=cfg.kl_coef, clip_eps=cfg.clip_eps,
                                     temperature=cfg.temperature, packed=LOSS_ROWS[cfg.loss_rows],
                                     max_row_tokens=cfg.max_row_tokens, micro_batch_size=cfg.micro_batch_size,
@@ -236,6 +260,8 @@ def update(model, ref_model, optimizer, trees, total_tokens, cfg: Config, device
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     with gpu.phase("the optimizer step"):
         if stats["tokens"] and not skipped:
+            if stop is not None:
+                stop.commit()
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss, **stats, "grad_norm": grad_norm, "skipped": skipped}
@@ -246,7 +272,7 @@ def sample_and_score(model, tokenizer, problems: list[dict], cfg: Config, device
     prompts = [chat_prompt(tokenizer, problem["question"], cfg.system_prompt) for problem in problems]
     roots = []
     for start in tqdm(range(0, len(prompts), cfg.sample_batch_size), desc="sampling", leave=False):
-        with gpu.autocast(device):
+        with gpu.autocast(device, cfg.dtype):
             try:
                 roots += sample(model, tokenizer, prompts[start:start + cfg.sample_batch_size], cfg)
             except RuntimeError as error:  # torch.multinomial on NaN or infinite probabilities
@@ -299,15 +325,21 @@ def score(leaf, text: str, problem: dict, strict: bool) -> float:
         raise SystemExit(f"the verifier's reward for the answer {text[:80]!r}: {error}")
 
 
-def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str) -> dict:
+def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str, stop=None) -> dict:
     """Greedy Pass@1, strict and lenient: a tree of one branch and one level is one greedy answer.
-    Each process answers its share of the questions; the scores are summed."""
+    Each process answers its share of the questions, in as many batches as every other (a stop is
+    checked between them, by all at once); the scores are summed."""
     strict = lenient = length = 0
-    mine = distributed.share(problems, *distributed.rank_and_world())
-    for start in tqdm(range(0, len(mine), cfg.eval_batch_size), desc="evaluating", leave=False):
+    rank, world = distributed.rank_and_world()
+    mine = distributed.share(problems, rank, world)
+    for start in tqdm(range(0, -(-len(problems) // world), cfg.eval_batch_size), desc="evaluating", leave=False):
+        if stop is not None and distributed.anyone(stop.requested, device):
+            raise run_folder.Dropped
         batch = mine[start:start + cfg.eval_batch_size]
+        if not batch:  # this process's share ended a batch early: it still checks for a stop with the others
+            continue
         prompts = [chat_prompt(tokenizer, problem["question"], cfg.system_prompt) for problem in batch]
-        with gpu.phase("evaluation"), gpu.autocast(device):
+        with gpu.phase("evaluation"), gpu.autocast(device, cfg.dtype):
             roots = sample_trees(model, tokenizer, prompts, branch=1, depth=1,
                                  segment_tokens=cfg.depth * cfg.segment_tokens, do_sample=False)
         for root, problem in zip(roots, batch):
@@ -339,23 +371,6 @@ def tree_metrics(roots, method: str) -> dict:
     return metrics
 
 
-# ----------------------------------------------------------------------------------------------
-# What the run shows and keeps
-
-
-def show_and_save_trees(roots, problems: list[dict], tokenizer, step: int, cfg: Config):
-    """--show-tree-every: print the first tree and keep it in <out>/trees/step_K.txt. --save-trees:
-    every tree as JSON in <out>/trees.jsonl."""
-    if cfg.show_tree_every and step % cfg.show_tree_every == 0:
-        from pictures.tree_text import format_tree
-        text = f"step {step}, first question of the batch:\n{format_tree(roots[0], tokenizer, width=48)}\n"
-        tqdm.write(text)
-        (Path(cfg.out) / "trees").mkdir(exist_ok=True)
-        (Path(cfg.out) / "trees" / f"step_{step}.txt").write_text(text)
-    if cfg.save_trees:
-        run_folder.append_trees(Path(cfg.out) / "trees.jsonl", step, roots, problems)
-
-
 def parse_args(argv) -> tuple[Config, list[str] | None]:
     return flags.parse_args(Config, SMOKE, argv, __doc__)
 
@@ -370,12 +385,13 @@ def main(argv=None):
     try:
         train(cfg, argv)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        print(f"\naborted. {run_folder.where_to_go_on(Path(cfg.out), argv)}", file=sys.stderr)
+        print(f"\naborted. {run_folder.where_to_go_on(Path(cfg.out), argv, cfg.steps)}", file=sys.stderr)
         raise SystemExit(130)
     except OSError as error:
         if not run_folder.is_disk_full(error):
             raise
-        raise SystemExit(f"the disk is full ({error}). Free some space; {run_folder.where_to_go_on(Path(cfg.out), argv)}")
+        raise SystemExit(f"the disk is full ({error}). Free some space; "
+                         f"{run_folder.where_to_go_on(Path(cfg.out), argv, cfg.steps)}")
 
 
 if __name__ == "__main__":

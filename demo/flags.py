@@ -15,7 +15,7 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-from demo import distributed, run_folder
+from demo import distributed, gpu, run_folder
 from reward import local_data_files
 from treerpo import check_rows
 
@@ -70,12 +70,9 @@ def config_problem(config_class, cfg) -> str | None:
             return f"--{knob_field.name.replace('_', '-')} must be {wanted}, got {value}"
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
         return "--lora-rank needs peft, an optional dependency: pip install peft"
-    for flag, name in (("--model", cfg.model), ("--data", cfg.data)):
-        if looks_local(name) and not Path(name).exists() and "," not in name:
-            return f"{flag} {name}: no such file or folder (a hub name is namespace/name)"
-    for split, path in (local_data_files(cfg.data) or {}).items():
-        if not path.is_file():
-            return f"--data {cfg.data}: no {split} file at {path} (GSM8K-format JSON Lines expected)"
+    problem = gpu.device_problem(cfg.device) or group_problem(cfg) or model_problem(cfg.model) or data_problem(cfg.data)
+    if problem:
+        return problem
     if cfg.prompts_per_step < distributed.processes():
         return (f"--prompts-per-step {cfg.prompts_per_step} is the whole step's: give each of the "
                 f"{distributed.processes()} processes at least one question")
@@ -89,6 +86,43 @@ def config_problem(config_class, cfg) -> str | None:
     except ValueError as error:
         return f"{error} (--branch, --depth, --width)"
     return out_problem(cfg)
+
+
+def group_problem(cfg) -> str | None:
+    """A group of one answer has no siblings to compare with: every advantage would be 0."""
+    flag, size = ("--branch", cfg.branch) if cfg.method == "treerpo" else ("--width", cfg.width)
+    if size < 2:
+        return (f"{flag} {size} with --method {cfg.method}: one answer per group has nothing to be compared with, "
+                f"so nothing would be trained; use {flag} 2 or more")
+    return None
+
+
+def model_problem(model: str) -> str | None:
+    """--model: a local name that does not exist, or a local file or folder that holds no model."""
+    path = Path(model)
+    if looks_local(model) and not path.exists():
+        return f"--model {model}: no such file or folder (a hub name is namespace/name)"
+    if model != "tiny" and path.is_file():
+        return f"--model {model} is a file: pass the folder that holds the model (config.json, weights, tokenizer)"
+    if model != "tiny" and path.is_dir() and not (path / "config.json").is_file():
+        return (f"--model {model}: this folder holds no config.json, so it is not a model folder (save_pretrained "
+                "writes one; python -m offline.qwen05 FOLDER or offline.smollm2 FOLDER make one offline)")
+    return None
+
+
+def data_problem(data: str) -> str | None:
+    """--data: a local name that does not exist, one file where two splits are needed, a missing split."""
+    if data.endswith((".jsonl", ".json")) and "," not in data:
+        if not Path(data).exists():
+            return f"--data {data}: no such file"
+        return (f"--data {data} is one file, and the demo needs a train and a test split: pass a folder holding "
+                "train.jsonl and test.jsonl, or two files as TRAIN.jsonl,TEST.jsonl")
+    if looks_local(data) and not Path(data).exists() and "," not in data:
+        return f"--data {data}: no such file or folder (a hub name is namespace/name)"
+    for split, path in (local_data_files(data) or {}).items():
+        if not path.is_file():
+            return f"--data {data}: no {split} file at {path} (GSM8K-format JSON Lines expected)"
+    return None
 
 
 def looks_local(name: str) -> bool:
@@ -152,7 +186,7 @@ def out_problem(cfg) -> str | None:
         if processes != distributed.processes():
             return (f"--resume: the run in {out} ran in {processes} process(es), this is {distributed.processes()}: "
                     "resume it with as many (each process's random state is in the checkpoint)")
-        if step >= cfg.steps:
+        if step > cfg.steps or (step == cfg.steps and not run_folder.checkpoint_pending(checkpoint)):
             return f"--resume: the run in {out} already reached step {step} of --steps {cfg.steps}; raise --steps to go on"
     elif not cfg.overwrite and (out / "metrics.jsonl").exists():
         return (f"--out {out} already holds a run (metrics.jsonl): pass --resume to continue it, "

@@ -2,7 +2,7 @@
 LoRA adapters if asked), its tokenizer, and the frozen KL reference (used by train_gsm8k.py).
 
 The policy's weights stay in fp32 (AdamW at lr 1e-6 needs them: bf16 would round most updates
-away); the compute runs in bf16 under autocast on a GPU (demo/gpu.py).
+away); the compute runs in bf16 under autocast where --dtype says so (demo/gpu.py).
 """
 
 import dataclasses
@@ -16,7 +16,7 @@ from demo import gpu
 
 def load_model_and_tokenizer(cfg, checkpoint: Path | None = None):
     """The policy in fp32 (AdamW at lr 1e-6 needs fp32 weights: bf16 would round most updates
-    away); compute runs in bf16 under autocast on CUDA. `checkpoint`: a saved run to load instead.
+    away); compute runs in bf16 under autocast (--dtype). `checkpoint`: a saved run to load instead.
     With --lora-rank the model comes back wrapped in LoRA adapters, the only trainable weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from offline.tiny import byte_tokenizer, tiny_model  # offline stand-ins, for --model tiny
@@ -51,8 +51,9 @@ def hub_load(auto_class, name: str, what: str, **kwargs):
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as error:  # ValueError: a name that is neither a folder nor a hub id (4.57)
-        raise SystemExit(f"could not load {what} {name!r}: {str(error).splitlines()[0]} "
-                         "Check the name and the network, or pass --model with a local folder.")
+        hint = ("Is it a model folder, as save_pretrained writes one (config.json, the weights, the tokenizer's files)?"
+                if Path(name).is_dir() else "Check the name and the network, or pass --model with a local folder.")
+        raise SystemExit(f"could not load {what} {name!r}: {str(error).splitlines()[0]} {hint}")
 
 
 def reference_model(cfg, model, device: str):
@@ -64,7 +65,8 @@ def reference_model(cfg, model, device: str):
     if cfg.lora_rank:
         return adapters_off(model)
     plain = dataclasses.replace(cfg, gradient_checkpointing=False)
-    dtype = torch.bfloat16 if gpu.on_gpu(device) else torch.float32  # it computes in bf16 there anyway: half the memory
+    bf16 = gpu.computes_in_bf16(device, cfg.dtype)  # it computes in bf16 under autocast anyway: half the memory
+    dtype = torch.bfloat16 if bf16 else torch.float32
     return load_model_and_tokenizer(plain)[0].to(device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -15,6 +15,7 @@ loads it, and says in one line what is wrong and how to go on.
 """
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import json
@@ -31,6 +32,7 @@ import torch
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from demo import distributed
 from demo.models import trainable
 from treerpo import nodes
 
@@ -127,10 +129,20 @@ def checkpoint_step(folder: Path) -> int:
 
 def checkpoint_processes(folder: Path) -> int:
     """How many processes wrote a checkpoint (1 before data-parallel runs were recorded)."""
+    return _run_state(folder).get("processes", 1)
+
+
+def checkpoint_pending(folder: Path) -> bool:
+    """Whether a stop cut the evaluation of the checkpoint's step short: resuming evaluates it."""
+    return _run_state(folder).get("pending") is not None
+
+
+def _run_state(folder: Path) -> dict:
     try:
-        return json.loads((folder / "run_state.json").read_text()).get("processes", 1)
-    except (OSError, ValueError, AttributeError):
-        return 1
+        state = json.loads((folder / "run_state.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def _damage(folder: Path, hashes: bool) -> str | None:
@@ -201,6 +213,20 @@ def append_record(metrics_file, record: dict, records: int) -> int:
     return records + 1
 
 
+def show_and_keep_trees(out: Path, roots: list, problems: list[dict], tokenizer, step: int, show_every: int,
+                        save_trees: bool):
+    """--show-tree-every: print the first tree and keep it in <out>/trees/step_K.txt. --save-trees:
+    every tree as JSON in <out>/trees.jsonl."""
+    if show_every and step % show_every == 0:
+        from pictures.tree_text import format_tree
+        text = f"step {step}, first question of the batch:\n{format_tree(roots[0], tokenizer, width=48)}\n"
+        tqdm.write(text)
+        (out / "trees").mkdir(exist_ok=True)
+        (out / "trees" / f"step_{step}.txt").write_text(text)
+    if save_trees:
+        append_trees(out / "trees.jsonl", step, roots, problems)
+
+
 def append_trees(path: Path, step: int, roots: list, problems: list[dict]):
     """A line of <out>/trees.jsonl (--save-trees): the step's trees, each with its problem and its nodes
     depth-first: the index of the parent (-1: the prompt), token ids, reward, value, advantage."""
@@ -250,22 +276,44 @@ def check_health(history: list[dict], patience: int = 3) -> str | None:
     idle_runs = [all(idle[end - patience:end]) for end in range(patience, len(idle) + 1)]
     if idle_runs and idle_runs[-1] and idle_runs.count(True) == 1:  # the first time only
         tqdm.write(f"warning: steps {history[-patience]['step']}-{history[-1]['step']} trained nothing (no counted "
-                   "token or a zero gradient): every sibling group had equal rewards. If the reward is 0 everywhere, "
-                   "the model may have collapsed (try a lower --lr) or the task is out of its reach; if it is 1 "
-                   "everywhere, the task is too easy.", file=sys.stderr)  # tqdm.write: below the progress bar
+                   f"token or a zero gradient): {why_idle(history, patience)}", file=sys.stderr)  # below the bar
     return None
 
 
+def why_idle(history: list[dict], patience: int) -> str:
+    """What the last `patience` records, which trained nothing, say about why: read off their rewards."""
+    recent, earlier = history[-patience:], history[:-patience]
+    if all(record["reward"] == 0 for record in recent):
+        if any(record["reward"] > 0 for record in earlier):
+            return (f"no answer was rewarded, and some were before step {recent[0]['step']}: the model may have "
+                    "collapsed (try a lower --lr)")
+        return ("no answer was rewarded: the questions are out of the model's reach, or its answers miss the "
+                "reward's format (--reward strict pays only a \\boxed{} or #### answer)")
+    if all(record["reward"] == 1 for record in recent):
+        return "every answer was right: the task is too easy for the model"
+    return ("every sibling group agreed (all right or all wrong), so none was kept: wider groups (--branch, --width) "
+            "or a higher --temperature give them more to disagree on")
+
+
 # ----------------------------------------------------------------------------------------------
-# Ctrl-C and SIGTERM: finish the step, checkpoint it, say how to go on
+# Ctrl-C and SIGTERM: stop soon, keep everything finished, say how to go on
+
+
+class Dropped(Exception):
+    """A stop came while the work under way could be dropped: it is done again on resume, exactly."""
 
 
 class GracefulStop:
-    """While active, the first SIGINT or SIGTERM only sets `requested` (the loop stops at its next
-    safe point); a second one raises KeyboardInterrupt at once."""
+    """While active, the first SIGINT or SIGTERM sets `requested`, and inside `droppable()` also
+    raises Dropped at once: sampling, the loss before its update, an evaluation, whose work a
+    resumed run does again from the same state. Elsewhere (an update under way, a save) the loop
+    stops at its next safe point. A second signal raises KeyboardInterrupt at once.
+    can_drop=False (several processes, which must stop at the same point): never Dropped."""
+
+    def __init__(self, can_drop: bool = True):
+        self.can_drop, self.dropping, self.requested = can_drop, False, None
 
     def __enter__(self):
-        self.requested = None  # the signal's name once one came
         self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -273,8 +321,27 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signal.Signals(number).name
-        print(f"\n{self.requested}: stopping after this step and saving a checkpoint; "
-              "press Ctrl-C again to abort at once", flush=True)
+        when = "now" if self.dropping else "after the work under way (an update, a save)"
+        print(f"\n{self.requested}: stopping {when}, keeping what is done; press Ctrl-C again to abort at once",
+              flush=True)
+        if self.dropping:
+            self.dropping = False
+            raise Dropped
+
+    @contextlib.contextmanager
+    def droppable(self):
+        """Inside, a stop drops the work under way (Dropped), also one that came just before."""
+        if self.requested and self.can_drop:
+            raise Dropped
+        self.dropping = self.can_drop
+        try:
+            yield
+        finally:
+            self.dropping = False
+
+    def commit(self):
+        """From here the work under way must finish (an update begins): a stop waits for its end."""
+        self.dropping = False
 
     def __exit__(self, *exc):
         for number, handler in self.previous.items():
@@ -295,11 +362,22 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
+@dataclasses.dataclass
+class Begin:
+    """Where a run starts: after `step` (0: nothing done yet) with the first `records` lines of
+    metrics.jsonl kept; `pending`: the record of that step when a stop cut its evaluation short (the
+    resumed run evaluates it first); `checkpoint`: the folder it resumes from."""
+    step: int = 0
+    records: int = 0
+    pending: dict | None = None
+    checkpoint: Path | None = None
+
+
 def save_run(out: Path, step: int, model, tokenizer, optimizer, rng: list[dict], run_state: dict) -> Path:
     """<out>/checkpoint-<step>: the weights (the adapters only, with LoRA), the tokenizer, the
     optimizer, every process's RNG states (`rng`, by rank), and run_state.json (the step, how many
-    metrics records the run had logged, the processes, the config). Weights that are not finite
-    are never saved."""
+    metrics records the run had logged, the processes, the config, and a `pending` record whose
+    evaluation is still to come). Weights that are not finite are never saved."""
     if not all(torch.isfinite(parameter).all() for parameter in trainable(model)):
         raise SystemExit(f"step {step}: the weights are not finite, so no checkpoint was saved (the last one remains)")
     return save_checkpoint(out, step, [
@@ -308,10 +386,34 @@ def save_run(out: Path, step: int, model, tokenizer, optimizer, rng: list[dict],
         lambda folder: (folder / "run_state.json").write_text(json.dumps(run_state))])
 
 
-def resume_run(checkpoint: Path, optimizer, out: Path, rank: int = 0) -> tuple[int, int]:
+def save_step(out: Path, step: int, *, model, tokenizer, optimizer, rng: dict, records: int, cfg,
+              pending: dict | None = None) -> Path | None:
+    """The run's checkpoint-<step>, written by process 0 with every process's RNG state (`rng`: this
+    one's); returns its folder (None in the other processes). records: the metrics.jsonl lines it
+    covers; pending: the step's record when its evaluation is still to come."""
+    rank, world = distributed.rank_and_world()
+    states = distributed.gather([rng])  # by rank
+    state = {"step": step, "metrics_records": records, "processes": world, "config": dataclasses.asdict(cfg),
+             "pending": pending}
+    saved = save_run(out, step, model, tokenizer, optimizer, states, state) if rank == 0 else None
+    distributed.barrier()  # no process leaves before the checkpoint is whole
+    return saved
+
+
+def stopped(stop: GracefulStop, what: str, saved: Path | None, argv: list[str]):
+    """Say (process 0) what a stop cut short and how to go on, from `saved` (the checkpoint that
+    holds the run so far) or, with none, from the start; exit with status 130."""
+    if distributed.rank_and_world()[0] == 0:
+        go_on = (f"checkpoint in {saved}. Resume with: {resume_command(argv)}" if saved else
+                 f"nothing to keep yet. Start over with: {start_over_command(argv)}")
+        print(f"stopped by {stop.requested or 'a stop signal'} {what}; {go_on}", flush=True)
+    raise SystemExit(130)
+
+
+def resume_run(checkpoint: Path, optimizer, out: Path, rank: int = 0) -> Begin:
     """Restore the optimizer and this process's RNGs from `checkpoint`, and (process 0) bring
     metrics.jsonl and trees.jsonl back to what it had seen, moving later records aside. Returns
-    (the step, the records kept)."""
+    where the run goes on."""
     try:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
         run_state = json.loads((checkpoint / "run_state.json").read_text())
@@ -324,14 +426,15 @@ def resume_run(checkpoint: Path, optimizer, out: Path, rank: int = 0) -> tuple[i
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+    begin = Begin(run_state["step"], run_state["metrics_records"], run_state.get("pending"), checkpoint)
     if rank:
-        return run_state["step"], run_state["metrics_records"]
-    records = trim_records(out / "metrics.jsonl", run_state["metrics_records"])
+        return begin
+    begin.records = trim_records(out / "metrics.jsonl", run_state["metrics_records"])
     trim_records(out / "trees.jsonl", run_state["step"])
-    if records < run_state["metrics_records"]:
-        tqdm.write(f"note: metrics.jsonl held {records} of the {run_state['metrics_records']} records "
+    if begin.records < run_state["metrics_records"]:
+        tqdm.write(f"note: metrics.jsonl held {begin.records} of the {run_state['metrics_records']} records "
                    f"{checkpoint.name} was saved after", file=sys.stderr)
-    return run_state["step"], records
+    return begin
 
 
 def clear_run(out: Path):
@@ -347,11 +450,19 @@ def resume_command(argv: list[str]) -> str:
     return "python train_gsm8k.py " + shlex.join([arg for arg in argv if arg not in ("--resume", "--overwrite")] + ["--resume"])
 
 
-def where_to_go_on(out: Path, argv: list[str]) -> str:
-    """The last complete checkpoint and the command that resumes from it (or starts over)."""
-    checkpoints = sorted(out.glob(f"{PREFIX}*"))
+def start_over_command(argv: list[str]) -> str:
+    return "python train_gsm8k.py " + shlex.join([arg for arg in argv if arg not in ("--resume", "--overwrite")]
+                                                 + ["--overwrite"])
+
+
+def where_to_go_on(out: Path, argv: list[str], steps: int) -> str:
+    """The last complete checkpoint and the command that resumes from it, or that the run is
+    complete, or (no checkpoint) the command that starts over."""
+    checkpoints = sorted(folder for folder in out.glob(f"{PREFIX}*") if folder.is_dir())
     if not checkpoints:
-        return f"No checkpoint was saved yet; start over with: python train_gsm8k.py {shlex.join(argv)} --overwrite"
+        return f"No checkpoint was saved yet; start over with: {start_over_command(argv)}"
+    if checkpoint_step(checkpoints[-1]) >= steps and not checkpoint_pending(checkpoints[-1]):
+        return f"The run is complete: its last checkpoint is {checkpoints[-1]}"
     return f"The last complete checkpoint is {checkpoints[-1]}; resume with: {resume_command(argv)}"
 
 

@@ -11,6 +11,7 @@ Needs matplotlib (the optional plotting dependency).
 import argparse
 import textwrap
 
+from pictures.plots import pyplot
 from pictures.tree_text import REAL_QUESTION, REAL_SEED, real_tree, scored_tree, letter_model
 from treerpo import TreeNode, leaves, nodes
 
@@ -51,12 +52,10 @@ def box_colour(node: TreeNode, colours) -> str:
 
 def draw_tree(root: TreeNode, tokenizer, path: str, title: str, question: str | None = None) -> str:
     """Draw `root` (values and advantages assigned) into the image file `path`; returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")  # no screen needed
-    import matplotlib.pyplot as plt
+    plt = pyplot("drawing a tree")
     rows, depth = node_rows(root), max(node.depth for node in nodes(root))
     figure, axes = plt.subplots(figsize=(4.2 * (depth + 1), 1.25 * len(leaves(root)) + 1.2))
-    colours = matplotlib.colormaps["RdYlGn"]
+    colours = plt.get_cmap("RdYlGn")
     for node in nodes(root):
         for child in node.children:  # the edges first, under the boxes
             axes.plot([node.depth, child.depth], [rows[node], rows[child]], color="#888888", lw=1, zorder=1)
@@ -84,6 +83,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="a tiny random model's tree instead, offline")
     parser.add_argument("--seed", type=int, default=REAL_SEED, help="sampling seed (default: %(default)s)")
     args = parser.parse_args(argv)
+    pyplot("python -m pictures.draw_tree")  # before a model is loaded and a tree sampled
     if args.tiny:
         from offline.tiny import byte_tokenizer
         tokenizer = byte_tokenizer()

@@ -64,15 +64,22 @@ def run_label(out_dir: Path) -> tuple[str, int | None]:
     return (name, int(seed)) if seed.isdigit() else (out_dir.name, None)
 
 
-def plot(out_dirs: list[str], path: Path | None = None) -> Path:
-    """Curves of one or more runs into `path` (default <first out dir>/curves.png)."""
+def pyplot(purpose: str):
+    """matplotlib.pyplot, drawing into files (no screen needed), or a one-line exit that says how to
+    install it. Called before anything slow, so that a missing matplotlib costs nothing."""
     try:
         import matplotlib
-        matplotlib.use("Agg")  # files only, no window
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
     except ImportError:
-        raise SystemExit("--plot needs matplotlib, an optional dependency: pip install matplotlib")
+        raise SystemExit(f"{purpose} needs matplotlib, an optional dependency: pip install matplotlib")
+    return plt
+
+
+def plot(out_dirs: list[str], path: Path | None = None) -> Path:
+    """Curves of one or more runs into `path` (default <first out dir>/curves.png)."""
+    plt = pyplot("--plot")
+    from matplotlib.ticker import MaxNLocator
     runs = [(Path(out_dir), *run_label(Path(out_dir))) for out_dir in out_dirs]
     methods = list(dict.fromkeys(method for _, method, _ in runs))
     seeds = sorted({seed for _, _, seed in runs if seed is not None})

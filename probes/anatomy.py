@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pictures.plots import pyplot
 from reward import SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, word_problems
 from treerpo import NORMS, assign_advantages, leaves, nodes, response_tokens, sample_trees
 
@@ -91,9 +92,7 @@ def table(results: dict) -> str:
 
 def picture(results: dict, path: Path) -> Path:
     """|A| under the std norm, one histogram a width: a pair gives one bar at 0.71, wider groups a spread."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the anatomy's picture")
     widths = sorted(results, key=int)
     figure, axes = plt.subplots(1, len(widths), figsize=(4 * len(widths), 3), sharey=False)
     for axis, width in zip(axes if len(widths) > 1 else [axes], widths):
@@ -122,6 +121,7 @@ def main(argv=None):
     parser.add_argument("--out", required=False, help="a folder for anatomy.json and anatomy.png")
     parser.add_argument("--show", metavar="FOLDER", help="print the table of an earlier run and draw its picture")
     args = parser.parse_args(argv)
+    pyplot("the anatomy's picture")  # before minutes of sampling
     if args.show:
         results = json.loads((Path(args.show) / "anatomy.json").read_text())["widths"]
         print(table(results))

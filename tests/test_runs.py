@@ -156,45 +156,137 @@ def test_records_are_strict_json():
 # 5. Ctrl-C and SIGTERM ----------------------------------------------------------------------------
 
 
-def signal_during_step(monkeypatch, step, signals):
-    original, calls = train_gsm8k.train_step, []
+def signal_at_call(monkeypatch, owner, name, call, signals, after=False):
+    """Send `signals` to this process at the start (or the end) of the `call`-th call of owner.name."""
+    original, calls = getattr(owner, name), []
 
-    def train_step(*args, **kwargs):
+    def wrapper(*args, **kwargs):
         calls.append(None)
-        if len(calls) == step:  # the run starts at step 1
+        if len(calls) == call and not after:
             for number in signals:
                 os.kill(os.getpid(), number)
-        return original(*args, **kwargs)
-    monkeypatch.setattr(train_gsm8k, "train_step", train_step)
+        result = original(*args, **kwargs)
+        if len(calls) == call and after:
+            for number in signals:
+                os.kill(os.getpid(), number)
+        return result
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def signal_in_update(monkeypatch, step, signals):
+    """Send `signals` during step `step`'s update, once its AdamW step is committed to (a step that
+    trains something: in the smoke run, steps 1, 4 and 5)."""
+    steps, commit = [], run_folder.GracefulStop.commit
+    signal_at_call(monkeypatch, train_gsm8k, "train_step", 10**9, [])
+    counted = train_gsm8k.train_step
+    monkeypatch.setattr(train_gsm8k, "train_step", lambda *args: steps.append(None) or counted(*args))
+
+    def committed(stop):
+        commit(stop)
+        if len(steps) == step and not stop.requested:
+            for number in signals:
+                os.kill(os.getpid(), number)
+    monkeypatch.setattr(run_folder.GracefulStop, "commit", committed)
+
+
+def command_after(line: str, words: str) -> list[str]:
+    """The flags of the `python train_gsm8k.py ...` command a line ends with, after --smoke's and --out's."""
+    return shlex.split(line.split(f"{words} python train_gsm8k.py ")[1])[len(SMOKE) + 2:]
+
+
+# Where a stop lands: (what is wrapped, which call, after the call instead of before) and what the run must say.
+STOP_POINTS = {
+    "the evaluation before training": ((train_gsm8k, "evaluate", 1), "during the evaluation before training"),
+    "sampling, step 1": ((train_gsm8k, "sample_and_score", 1), "during step 1 of 6, before its update"),
+    "sampling, step 3": ((train_gsm8k, "sample_and_score", 3), "during step 3 of 6, before its update"),
+    "the loss, step 3": ((train_gsm8k, "backward_loss", 3), "during step 3 of 6, before its update"),
+    "the update, step 5": (("update", 5), "after step 5 of 6; checkpoint in"),  # the smoke run trains in 1, 4, 5
+    "the update, step 4": (("update", 4), "during the evaluation after step 4 of 6"),
+    "the evaluation after step 4": ((train_gsm8k, "evaluate", 3), "during the evaluation after step 4 of 6"),
+    "the last evaluation": ((train_gsm8k, "evaluate", 4), "during the evaluation after step 6 of 6"),
+    "the last save": ((run_folder, "save_checkpoint", 3), None),  # the run is complete: its closing line
+}
 
 
 @pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM])
-def test_a_stop_signal_finishes_the_step_checkpoints_it_and_prints_the_resume_command(
-        tmp_path, monkeypatch, capsys, straight, number):
+@pytest.mark.parametrize("point", STOP_POINTS)
+def test_a_stop_anywhere_is_prompt_and_what_it_prints_is_true(tmp_path, monkeypatch, capsys, straight, straight_out,
+                                                              point, number):
+    """A stop is taken at once where the work under way can be done again on resume (sampling, the
+    loss before its update, an evaluation), else after the update or save under way. Then either the
+    run is complete and says so, or the command it prints leads to an uninterrupted run's records,
+    evaluations and trees included."""
     out = tmp_path / "run"
     handlers = {name: signal.getsignal(name) for name in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN in a background job
-    signal_during_step(monkeypatch, 3, [number])
-    assert run(out, "--steps", "6") == 130
+    where, says = STOP_POINTS[point]
+    if where[0] == "update":
+        signal_in_update(monkeypatch, where[1], [number])
+    else:
+        signal_at_call(monkeypatch, *where, [number])
+    status = run(out, "--steps", "6")
     printed = capsys.readouterr()
-    (line,) = [line for line in printed.out.splitlines() if line.startswith("stopped by")]
-    assert f"after step 3 of 6; checkpoint in {out / 'checkpoint-000003'}. Resume with: python train_gsm8k.py" in line
     assert "Traceback" not in printed.err
-    monkeypatch.undo()
-    assert run(out, *shlex.split(line.split("Resume with: python train_gsm8k.py ")[1])[len(SMOKE) + 2:]) == 0
-    assert records(out) == straight
     assert {name: signal.getsignal(name) for name in handlers} == handlers  # the handlers are given back
+    monkeypatch.undo()
+    if says is None:
+        assert status == 0 and printed.out.splitlines()[-1].startswith("done: steps 1-6")
+        assert run(out, "--steps", "6", "--resume") == 2  # complete: nothing to resume
+    else:
+        (line,) = [line for line in printed.out.splitlines() if line.startswith("stopped by")]
+        assert status == 130 and f"stopped by {signal.Signals(number).name} {says}" in line
+        words = "Start over with:" if "before training" in says else "Resume with:"
+        assert run(out, *command_after(line, words)) == 0
+    assert records(out) == straight
+    assert (out / "trees.jsonl").read_text() == (straight_out / "trees.jsonl").read_text()
+
+
+@pytest.mark.parametrize("phase, flags, kept", [
+    ("sampling", [], "checkpoint-000002"),  # step 3 is dropped: its second sampling call never starts
+    ("evaluation", ["--eval-size", "12", "--eval-batch-size", "2"], None)])  # six batches: the second never starts
+def test_a_stop_is_taken_at_once(tmp_path, monkeypatch, phase, flags, kept):
+    calls = []
+    original = train_gsm8k.sample_trees
+
+    def sample_trees(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == (1 if phase == "evaluation" else 7):  # 7: step 3's first (evaluations 1 + 1, steps 2 each)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train_gsm8k, "sample_trees", sample_trees)
+    assert run(tmp_path / "run", "--steps", "6", *flags) == 130
+    assert len(calls) == (1 if phase == "evaluation" else 7)
+    newest = run_folder.newest_checkpoint(tmp_path / "run")
+    assert (newest.name if newest else None) == kept
+
+
+def test_an_evaluation_checks_for_a_stop_between_batches_where_it_cannot_drop_at_once(monkeypatch):
+    """Under torchrun the processes must stop at the same point: no stop in the middle of a batch,
+    but every process checks (all at once) before each batch."""
+    cfg, _ = train_gsm8k.parse_args(["--smoke", "--out", "unused", "--eval-batch-size", "2"])
+    model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
+    stop, calls = run_folder.GracefulStop(can_drop=False), []
+    original = train_gsm8k.sample_trees
+
+    def sample_trees(*args, **kwargs):
+        calls.append(None)
+        stop.requested = "SIGTERM"  # as the handler sets it, without raising
+        return original(*args, **kwargs)
+    monkeypatch.setattr(train_gsm8k, "sample_trees", sample_trees)
+    with pytest.raises(run_folder.Dropped):
+        train_gsm8k.evaluate(model, tokenizer, reward.SMOKE_PROBLEMS, cfg, "cpu", stop)
+    assert len(calls) == 1
 
 
 def test_a_second_ctrl_c_aborts_at_once_and_the_last_checkpoint_remains(tmp_path, monkeypatch, capsys, straight):
     out = tmp_path / "run"
-    signal_during_step(monkeypatch, 3, [signal.SIGINT, signal.SIGINT])
+    signal_in_update(monkeypatch, 5, [signal.SIGINT, signal.SIGINT])
     assert run(out, "--steps", "6") == 130
     printed = capsys.readouterr()
     assert "Traceback" not in printed.err
     (line,) = [line for line in printed.err.splitlines() if line.startswith("aborted")]
-    assert f"The last complete checkpoint is {out / 'checkpoint-000002'}; resume with:" in line
+    assert f"The last complete checkpoint is {out / 'checkpoint-000004'}; resume with:" in line
     monkeypatch.undo()
-    assert run(out, "--steps", "6", "--resume") == 0
+    assert run(out, *command_after(line, "resume with:")) == 0
     assert records(out) == straight
 
 
@@ -269,6 +361,19 @@ def test_a_run_that_trains_nothing_says_so_once(tmp_path, monkeypatch, capsys):
     assert run(tmp_path / "run", "--steps", "6") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and warnings[0].startswith("warning: steps 1-3 trained nothing")
+    assert "no answer was rewarded: the questions are out of the model's reach" in warnings[0]
+    assert "collapsed" not in warnings[0]  # nothing was ever rewarded: no collapse to guess at
+
+
+@pytest.mark.parametrize("rewards, why", [
+    ([0.5, 0.5, 0, 0, 0], "no answer was rewarded, and some were before step 3: the model may have collapsed"),
+    ([1, 1, 1], "every answer was right: the task is too easy"),
+    ([0.5, 0.25, 0.5], "every sibling group agreed (all right or all wrong), so none was kept"),
+])
+def test_the_idle_warning_says_what_the_rewards_show(rewards, why):
+    history = [{"step": step, "reward": reward, "skipped": False, "tokens": 0, "grad_norm": 0.0}
+               for step, reward in enumerate(rewards, start=1)]
+    assert why in run_folder.why_idle(history, patience=3)
 
 
 # 6. Damaged state: refused in one line, before any loading; --overwrite always works ------------
@@ -369,25 +474,61 @@ def test_local_paths_that_do_not_exist_are_refused_before_loading(tmp_path, monk
 # The GPU path as far as a CPU runs it --------------------------------------------------------------
 
 
-def test_one_training_step_under_bf16_autocast(monkeypatch):
-    """CUDA runs compute under bf16 autocast with fp32 weights; the same on the CPU here, so that a
-    dtype mistake in sampling, the loss or the update shows without a GPU."""
-    monkeypatch.setattr(gpu, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+@pytest.mark.parametrize("dtype", ["bf16", "fp32", "auto"])
+def test_dtype_bf16_computes_every_phase_in_bf16_and_keeps_fp32_weights(tmp_path, monkeypatch, dtype):
+    """--dtype bf16 on the CPU: evaluation, sampling and the loss (the KL reference's forward too) run
+    under bf16 autocast, the reference is stored in bf16, the policy and AdamW stay fp32. fp32 and
+    auto (on a CPU) run none of it in bf16."""
+    seen = {}
+
+    def spy(name, function):
+        def wrapper(*args, **kwargs):
+            seen.setdefault(name, set()).add(torch.is_autocast_enabled("cpu") and
+                                             torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            return function(*args, **kwargs)
+        return wrapper
+    for name in ("sample_trees", "backward_loss"):
+        monkeypatch.setattr(train_gsm8k, name, spy(name, getattr(train_gsm8k, name)))
     monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
-    cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0", "--out", "unused"])
-    model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    before = [parameter.detach().clone() for parameter in model.parameters()]
-    metrics, _ = train_gsm8k.train_step(model, None, tokenizer, optimizer, reward.SMOKE_PROBLEMS[:4], cfg, "cpu")
-    assert metrics["tokens"] > 0 and not metrics["skipped"] and math.isfinite(metrics["loss"])
-    assert all(parameter.dtype == torch.float32 and torch.isfinite(parameter).all() for parameter in model.parameters())
-    assert any(not torch.equal(old, new) for old, new in zip(before, model.parameters()))
+    references = []
+    original_reference = train_gsm8k.reference_model
+    monkeypatch.setattr(train_gsm8k, "reference_model",
+                        lambda *args: references.append(original_reference(*args)) or references[-1])
+    assert run(tmp_path / "run", "--steps", "2", "--dtype", dtype, "--kl-coef", "0.01") == 0
+    bf16 = dtype == "bf16"
+    assert seen == {"sample_trees": {bf16}, "backward_loss": {bf16}}  # sample_trees: evaluation and sampling
+    assert {parameter.dtype for parameter in references[0].parameters()} == {torch.bfloat16 if bf16 else torch.float32}
+    step = records(tmp_path / "run")[2]  # after an update: the reference is not the policy any more
+    assert step["tokens"] > 0 and not step["skipped"] and step["kl"] > 0
+    from safetensors.torch import load_file
+    weights = load_file(tmp_path / "run" / "checkpoint-000002" / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+    state = torch.load(tmp_path / "run" / "checkpoint-000002" / "trainer_state.pt", weights_only=False)
+    moments = [value for entry in state["optimizer"]["state"].values() for value in entry.values() if value.dim()]
+    assert moments and {moment.dtype for moment in moments} == {torch.float32}
 
 
-def test_bf16_on_every_cuda_device_and_fp32_elsewhere():
+def test_bf16_where_dtype_says_and_fp32_elsewhere():
     assert all(gpu.on_gpu(device) for device in ("cuda", "cuda:1", torch.device("cuda", 1), torch.device("cuda")))
     assert not any(gpu.on_gpu(device) for device in ("cpu", torch.device("cpu"), "meta"))
-    assert gpu.autocast("cpu")._enabled is False and gpu.peak_memory("cpu") == {}
+    decisions = {(str(device), dtype): gpu.computes_in_bf16(device, dtype)
+                 for device in ("cpu", "cuda", "cuda:1", torch.device("cuda", 1)) for dtype in gpu.DTYPES}
+    assert decisions == {(device, dtype): dtype == "bf16" or (dtype == "auto" and device != "cpu")
+                         for device, dtype in decisions}
+    assert gpu.autocast("cpu")._enabled is False and gpu.autocast("cpu", "fp32")._enabled is False
+    with gpu.autocast("cpu", "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert gpu.peak_memory("cpu") == {}
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        gpu.computes_in_bf16("cpu", "bfloat16")
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert "no bf16 instructions" in gpu.precision_note("cpu", "bf16")
+    assert gpu.precision_note("cpu", "fp32") is None and gpu.precision_note("cpu", "auto") is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert gpu.precision_note("cpu", "bf16") is None
 
 
 @pytest.mark.parametrize("phase, knob", [("backward_loss", "in the loss: lower --max-row-tokens"),
@@ -448,7 +589,7 @@ def test_one_update_per_batch_is_the_plain_step(monkeypatch):
 
 
 def test_the_kl_reference_is_bf16_on_a_gpu(monkeypatch):
-    """It computes in bf16 under autocast there anyway: in bf16 it takes half the memory."""
+    """It computes in bf16 under autocast there anyway (--dtype auto): in bf16 it takes half the memory."""
     cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0.001", "--out", "unused"])
     model, _ = train_gsm8k.load_model_and_tokenizer(cfg)
     assert all(parameter.dtype == torch.float32 for parameter in train_gsm8k.reference_model(cfg, model, "cpu").parameters())
