@@ -234,6 +234,18 @@ def test_advantages_by_hand(norm):
     assert root.advantage is None
 
 
+@pytest.mark.parametrize("values", [[1.0, 1.0, 0.0, 0.0], [1.0] + [0.0] * 7, [1.0, 0.0, 0.0, 0.0]])
+def test_the_bernoulli_norm_divides_by_the_variance(values):
+    """For 0/1 values of mean mu, bernoulli's A is 1 / sqrt(mu (1 - mu)) times the A of a norm by the
+    population std, sqrt(mu (1 - mu)): 2x at mu = 1/2 ([1, 1, 0, 0]), 3.02x at mu = 1/8, 2.31x at 1/4."""
+    mu = sum(values) / len(values)
+    bernoulli = group_advantages(values, norm="bernoulli", eps=0.0)
+    by_population_std = [(value - mu) / math.sqrt(mu * (1 - mu)) for value in values]
+    assert bernoulli == pytest.approx([a / math.sqrt(mu * (1 - mu)) for a in by_population_std])
+    assert bernoulli[0] / by_population_std[0] == pytest.approx({0.5: 2.0, 0.125: 3.024, 0.25: 2.309}[mu], abs=1e-3)
+    assert bernoulli[0] == pytest.approx((1 - mu) / (mu * (1 - mu)))  # e.g. [1, 1, 0, 0]: 0.5 / 0.25 = 2
+
+
 def test_tau_prunes_low_spread_groups():
     root = hand_tree()
     assign_advantages(root, tau=0.3)  # {ba, bb} spans 0.25 < 0.3: pruned; the others span >= 0.5
@@ -1293,11 +1305,11 @@ def test_help_lists_every_knob_with_its_default(capsys, tmp_path):
     parser_help = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for knob in dataclasses.fields(train_gsm8k.Config):
         assert f"--{knob.name.replace('_', '-')}" in parser_help
-    assert "(default: 128)" in parser_help and "(default: Qwen/Qwen2.5-0.5B-Instruct)" in parser_help
+    assert "(default: 192)" in parser_help and "(default: Qwen/Qwen2.5-0.5B-Instruct)" in parser_help
     assert "'easy'" in parser_help and "--no-" not in parser_help  # every data source; switches without --no- twins
     out = ["--out", str(tmp_path / "run")]  # whatever the working folder holds
     config, _ = train_gsm8k.parse_args([*out, "--device", "cpu"])  # auto is refused without a GPU
-    assert (config.branch, config.depth, config.segment_tokens, config.lr) == (4, 3, 128, 1e-6)
+    assert (config.branch, config.depth, config.segment_tokens, config.lr) == (4, 2, 192, 1e-6)
     smoke, _ = train_gsm8k.parse_args(["--smoke", "--branch", "3", *out])
     assert smoke.smoke and smoke.depth == 2 and smoke.branch == 3  # smoke defaults, command line on top
     assert smoke.overwrite  # --smoke starts over each time (its --resume is tested with the smoke run)

@@ -1,7 +1,7 @@
 """Train Qwen2.5-0.5B-Instruct on GSM8K with TreeRPO, on one GPU.
 
-    python train_gsm8k.py                                     # TreeRPO: branch 4, depth 3, 128-token segments
-    python train_gsm8k.py --method grpo --out out/grpo        # GRPO: 8 answers of 3 x 128 tokens, same code path
+    python train_gsm8k.py                                     # TreeRPO: branch 4, depth 2, 192-token segments
+    python train_gsm8k.py --method grpo --out out/grpo        # GRPO: 8 answers of 2 x 192 tokens, same code path
     python train_gsm8k.py --method treepo --out out/treepo    # TreePO (treepo.py): 8 leaves, dynamic branching
     python train_gsm8k.py --resume                            # go on from the newest checkpoint
     python train_gsm8k.py --smoke                             # every path, offline, on the CPU, in seconds
@@ -54,13 +54,14 @@ class Config:
     out: str = knob("out/treerpo", "the run's folder: metrics.jsonl, checkpoint-<step>/, trees/")
     method: str = knob("treerpo", "treerpo: a full tree; grpo: --width answers of depth * segment-tokens "
                                   "tokens; treepo: treepo.py's budgeted tree of --width leaves", choices=METHODS)
-    # the tree: N=4, D=3, L=128 is 84 segments, 64 leaves, ~10.7k generated tokens per question
+    # the tree: N=4, D=2, L=192 is 20 segments, 16 leaves, at most 3,840 generated tokens per question (~2.1k with
+    # real answers); a third level of 128-token segments tied 95% of its groups for half the tokens (docs/cost.md)
     branch: int = knob(4, "treerpo: children per node (N); with --depth 1 this is GRPO's group size", at_least=1)
-    depth: int = knob(3, "levels of segments below the prompt (D); a response is at most depth * L tokens", at_least=1)
-    segment_tokens: int = knob(128, "tokens per segment (L)", at_least=1)
+    depth: int = knob(2, "levels of segments below the prompt (D); a response is at most depth * L tokens", at_least=1)
+    segment_tokens: int = knob(192, "tokens per segment (L)", at_least=1)
     width: int = knob(8, "grpo: answers per question (G); treepo: the leaf budget per question (W)", at_least=1)
     divergence: int = knob(2, "treepo: continuations per active path and level, budget permitting", at_least=1)
-    temperature: float = knob(0.6, "sampling temperature (the published recipe's)", above=0)
+    temperature: float = knob(0.6, "sampling temperature (the paper's recipe, unchecked: docs/method.md)", above=0)
     system_prompt: str = knob("demo", "the system message before every question: demo, brief or lines "
                                       "(reward.SYSTEM_PROMPTS), or any text")
     # reward, advantages and loss
@@ -329,7 +330,7 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str, s
     """Greedy Pass@1, strict and lenient: a tree of one branch and one level is one greedy answer.
     Each process answers its share of the questions, in as many batches as every other (a stop is
     checked between them, by all at once); the scores are summed."""
-    strict = lenient = length = 0
+    strict = lenient = length = truncated = 0
     rank, world = distributed.rank_and_world()
     mine = distributed.share(problems, rank, world)
     for start in tqdm(range(0, -(-len(problems) // world), cfg.eval_batch_size), desc="evaluating", leave=False):
@@ -347,10 +348,11 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str, s
             text = tokenizer.decode(answer.tokens, skip_special_tokens=True)  # decoded once, scored twice
             strict += score(answer, text, problem, strict=True)
             lenient += score(answer, text, problem, strict=False)
-            length += len(answer.tokens)
-    sums, n = distributed.sum_numbers({"strict": strict, "lenient": lenient, "length": length}, device), len(problems)
+            length, truncated = length + len(answer.tokens), truncated + (not answer.finished)  # cut at D x L
+    sums = distributed.sum_numbers({"strict": strict, "lenient": lenient, "length": length, "cut": truncated}, device)
+    n = len(problems)
     return {"eval_strict": sums["strict"] / n, "eval_lenient": sums["lenient"] / n,
-            "eval_response_tokens": sums["length"] / n, "eval_questions": n}
+            "eval_response_tokens": sums["length"] / n, "eval_truncated": sums["cut"] / n, "eval_questions": n}
 
 
 def tree_metrics(roots, method: str) -> dict:

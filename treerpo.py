@@ -259,7 +259,10 @@ def group_advantages(values: list[float], norm: str = "std", eps: float = 1e-6) 
     """GRPO's advantages for one group of sibling values.
 
     std:       A = (V - mean) / (std + eps), std with Bessel's correction (as torch.std, TRL's GRPO)
-    bernoulli: A = (V - mu) / (mu (1 - mu) + eps), mu = mean (the published TreeRPO code)
+    bernoulli: A = (V - mu) / (mu (1 - mu) + eps), mu = mean: divided by the Bernoulli *variance*,
+               not its std, so for 0/1 values A is 1 / sqrt(mu (1 - mu)) times the population-std
+               norm's (2x at mu = 1/2, 3x at mu = 1/8). A choice, kept for comparison: no source
+               that could be read here uses it.
     none:      A = V - mean
 
     A pair of different values always gets +-1/sqrt(2) = +-0.71 under std, however close they
