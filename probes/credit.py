@@ -30,7 +30,12 @@ from pictures.plots import read_records
 from treerpo import TreeNode
 
 CLASSES = ("right intermediate", "final answer", "wrong number", "no result yet")
-PHASES = ((1, 5), (6, 10), (11, 15), (16, 20))
+
+
+def phases(last_step: int, count: int = 4) -> tuple[tuple[int, int], ...]:
+    """`count` spans of equal length covering steps 1..last_step: (1, 5), ..., (16, 20) for 20 steps."""
+    length = -(-last_step // count)  # the ceiling
+    return tuple((low, min(low + length - 1, last_step)) for low in range(1, last_step + 1, length))
 
 
 def opening_class(text: str, question: str, intermediate: str, final: str) -> str:
@@ -78,32 +83,37 @@ def openings(run: Path, tokenizer, segment_tokens: int):
 
 
 def credit_table(runs: list[Path], tokenizer, segment_tokens: int) -> dict:
-    """{class: {phase: (mean advantage over trained openings, trained, all)}} over the runs' openings;
-    phase "all" is every step."""
-    cells = {name: {phase: [] for phase in PHASES + ("all",)} for name in CLASSES}
-    for run in runs:
-        for step, name, advantage in openings(run, tokenizer, segment_tokens):
-            cells[name]["all"].append(advantage)
-            for phase in PHASES:
-                if phase[0] <= step <= phase[1]:
-                    cells[name][phase].append(advantage)
+    """{class: {phase: (mean advantage over trained openings, trained, all, trained with A > 0)}} over
+    the runs' openings, in four phases of the runs' steps; phase "all" is every step."""
+    found = [(step, name, advantage) for run in runs for step, name, advantage in openings(run, tokenizer, segment_tokens)]
+    spans = phases(max((step for step, _, _ in found), default=4))
+    cells = {name: {phase: [] for phase in spans + ("all",)} for name in CLASSES}
+    for step, name, advantage in found:
+        cells[name]["all"].append(advantage)
+        for phase in spans:
+            if phase[0] <= step <= phase[1]:
+                cells[name][phase].append(advantage)
     table = {}
     for name, by_phase in cells.items():
         table[name] = {}
         for phase, advantages in by_phase.items():
             trained = [advantage for advantage in advantages if advantage is not None]
-            table[name][phase] = (sum(trained) / len(trained) if trained else None, len(trained), len(advantages))
+            table[name][phase] = (sum(trained) / len(trained) if trained else None, len(trained), len(advantages),
+                                  sum(advantage > 0 for advantage in trained))
     return table
 
 
 def markdown(title: str, table: dict) -> str:
-    header = "| opening | " + " | ".join(f"steps {low}-{high}" for low, high in PHASES) + " | all steps |"
+    spans = [phase for phase in next(iter(table.values())) if phase != "all"]
+    header = "| opening | " + " | ".join(f"steps {low}-{high}" for low, high in spans) + " | all steps |"
     lines = [f"{title}: mean advantage of the opening (trained openings / all openings)", "", header,
-             "|" + " --- |" * (len(PHASES) + 2)]
+             "|" + " --- |" * (len(spans) + 2)]
     for name, by_phase in table.items():
         cells = [f"{mean:+.2f} ({trained}/{count})" if mean is not None else f"- (0/{count})"
-                 for mean, trained, count in by_phase.values()]
+                 for mean, trained, count, _ in by_phase.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    positive = [f"{name} {by_phase['all'][3]}/{by_phase['all'][1]}" for name, by_phase in table.items()]
+    lines += ["", "trained openings with a positive advantage, all steps: " + ", ".join(positive)]
     return "\n".join(lines)
 
 

@@ -28,6 +28,23 @@ def test_two_step_leaves_out_ambiguous_problems():
     assert credit.two_step({"question": "Add 2 and 3, then 5.", "answer": "2 + 3 = <<2+3=5>>5\n5 + 5 = <<5+5=10>>10\n#### 10"}) is None
 
 
+def test_phases_split_the_steps_in_four():
+    assert credit.phases(20) == ((1, 5), (6, 10), (11, 15), (16, 20))  # the 135M runs' tables
+    assert credit.phases(12) == ((1, 3), (4, 6), (7, 9), (10, 12))    # the 0.5B runs'
+    assert credit.phases(10) == ((1, 3), (4, 6), (7, 9), (10, 10))
+
+
+def test_the_credit_table_counts_positive_advantages(monkeypatch):
+    found = [(1, "right intermediate", 0.5), (2, "right intermediate", -0.2), (12, "right intermediate", None),
+             (12, "wrong number", -1.0)]
+    monkeypatch.setattr(credit, "openings", lambda run, tokenizer, segment_tokens: iter(found))
+    table = credit.credit_table(["run"], tokenizer=None, segment_tokens=192)
+    assert table["right intermediate"]["all"] == (pytest.approx(0.15), 2, 3, 1)  # mean of the trained, counts, A > 0
+    assert table["right intermediate"][(1, 3)] == (pytest.approx(0.15), 2, 2, 1)
+    assert table["wrong number"][(10, 12)] == (-1.0, 1, 1, 0)
+    assert "right intermediate 1/2, final answer 0/0, wrong number 0/1" in credit.markdown("treerpo", table)
+
+
 def test_summary_adds_up_the_records(tmp_path):
     out = tmp_path / "treerpo-s0"
     train_gsm8k.main(["--smoke", "--out", str(out), "--eval-size", "2", "--eval-every", "2", "--show-tree-every", "0"])
