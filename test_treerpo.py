@@ -322,6 +322,19 @@ def test_the_wide_credit_commands_are_nine_runs_of_one_recipe(tmp_path, monkeypa
             "steps", "lines", "strict", 2, 24, 20, 200)
 
 
+def test_the_real_05b_credit_commands_are_four_runs_of_one_recipe(tmp_path, monkeypatch):
+    """docs/credit-05b.md: TreeRPO at the demo's tree and GRPO at its tokens (G = 7), seeds 0-1, each
+    in its own folder, on the same model, data, answer budget, prompt, reward, steps and lr."""
+    training = train_commands((Path(__file__).parent / "docs" / "credit-05b.md").read_text(), monkeypatch, tmp_path)
+    assert sorted((cfg.method, cfg.branch if cfg.method == "treerpo" else cfg.width, cfg.seed) for cfg in training) == sorted(
+        (method, size, seed) for method, size in (("treerpo", 4), ("grpo", 7)) for seed in (0, 1))
+    assert len({cfg.out for cfg in training}) == 4
+    for cfg in training:
+        assert (cfg.model, cfg.dtype, cfg.reward, cfg.depth, cfg.segment_tokens, cfg.steps, cfg.eval_size, cfg.lr,
+                cfg.kl_coef, cfg.prompts_per_step, cfg.system_prompt) == (
+            "out/qwen05", "bf16", "strict", 2, 192, 12, 100, 2e-6, 0.0, 4, "demo")
+
+
 def test_format_tree_on_a_hand_built_tree(tokenizer):
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     root = TreeNode(tokens=encode("Q: what is 2+3?\nA:"))

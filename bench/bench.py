@@ -338,9 +338,9 @@ def bench_loss_rows(model, device, repeats, row_limits=(256, 512, 1024, 4096)):
     return figures
 
 
-def bench_loss_memory(model, device, prompt_tokens=100, branch=4, depth=3, segment_tokens=128):
-    """Peak memory of one loss step (forward + backward, no optimizer) on one tree of the demo's
-    default shape (N=4, D=3, L=128: 84 segments, 64 leaves): leaf paths, 8 a forward (the demo's
+def bench_loss_memory(model, device, prompt_tokens=100, branch=4, depth=2, segment_tokens=192):
+    """Peak memory of one loss step (forward + backward, no optimizer) on one full tree of the demo's
+    default shape (N=4, D=2, L=192: 20 segments, 16 leaves): leaf paths, 8 a forward (the demo's
     --micro-batch-size), against packed rows of at most 2048 and 4096 tokens."""
     root = synthetic_tree(prompt_tokens, branch, depth, segment_tokens, model.config.vocab_size,
                           torch.Generator().manual_seed(0))
@@ -419,7 +419,7 @@ def main():
     parser.add_argument("--loss-rows", action="store_true",
                         help="instead: the loss step on the CPU recipe's trees, leaf paths vs packed rows")
     parser.add_argument("--loss-memory", action="store_true",
-                        help="instead: peak memory of the loss step at the demo's default tree (N=4, D=3, L=128)")
+                        help="instead: peak memory of the loss step at the demo's default tree (N=4, D=2, L=192)")
     parser.add_argument("--profile-sampling", action="store_true",
                         help="instead: where a step's sampling spends its time, at the CPU recipe's size")
     args = parser.parse_args()
