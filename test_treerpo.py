@@ -309,6 +309,20 @@ def test_readme_learning_commands_are_the_recipe(tmp_path, monkeypatch):
         assert (cfg.depth, cfg.segment_tokens, cfg.lr, cfg.steps) == (3, 16, 1e-5, 20)
 
 
+def test_the_readmes_real_05b_command_is_the_demo_in_bf16(tmp_path, monkeypatch):
+    """README "A real 0.5B on a CPU": the demo's defaults but for the CPU, bf16 and the size of the run
+    (the figures printed beside it were measured with exactly these)."""
+    section = (Path(__file__).parent / "README.md").read_text().split("**A real 0.5B on a CPU:**")[1]
+    import train_gsm8k
+    [cfg] = train_commands(section, monkeypatch, tmp_path)
+    default = train_gsm8k.parse_args(["--device", "cpu"])[0]  # the demo's defaults, here without a GPU
+    assert (cfg.model, cfg.device, cfg.dtype, cfg.prompts_per_step, cfg.steps, cfg.eval_size) == (
+        "out/qwen05", "cpu", "bf16", 4, 3, 20)
+    changed = {"model", "device", "dtype", "prompts_per_step", "steps", "eval_size", "out"}
+    assert {name: value for name, value in vars(cfg).items() if name not in changed} == {
+        name: value for name, value in vars(default).items() if name not in changed}
+
+
 def test_the_wide_credit_commands_are_nine_runs_of_one_recipe(tmp_path, monkeypatch):
     """docs/credit.md, "Wide groups": TreeRPO N=4 and GRPO at 9 and 15 answers, seeds 0-2, each in its
     own folder, all on the same questions, answer length, prompt, reward and steps."""
