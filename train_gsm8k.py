@@ -79,8 +79,8 @@ class Config:
                                   "needs sdpa or eager attention), leaf-paths (one row per leaf, any attention), "
                                   "or auto (packed where the model allows)", choices=tuple(LOSS_ROWS))
     updates_per_batch: int = knob(1, "optimizer steps on each batch of trees (PPO's mu, TRL's num_iterations); 1: plain "
-                                     "policy gradient (ratio 1, nothing clipped); more records log-probs at sampling "
-                                     "and clips the ratio", at_least=1)
+                                     "policy gradient (ratio 1, nothing clipped); more: the first update's log-probs "
+                                     "are the old ones, and the later updates clip the ratio", at_least=1)
     max_row_tokens: int = knob(2048, "packed loss: tokens per row (one forward); bigger trees are split (2048: the "
                                      "0.5B step fits 24 GB, docs/cost.md)", at_least=1)
     micro_batch_size: int = knob(8, "leaf-paths loss: rows per forward/backward", at_least=1)
@@ -134,8 +134,13 @@ def train(cfg: Config, argv: list[str] = ()) -> dict | None:
             torch.manual_seed(cfg.seed)
             train_problems = load_problems(cfg.data, "train")  # data first: a bad file fails before the model loads
             random.Random(cfg.seed).shuffle(train_problems)  # one fixed order, so a resumed run sees the next ones
-            eval_problems = load_problems(cfg.data, "test")[:cfg.eval_size]
+            eval_problems = load_problems(cfg.data, "test")
+            if owner and cfg.eval_size > len(eval_problems):
+                print(f"note: --eval-size {cfg.eval_size}: the test split has {len(eval_problems)} questions, "
+                      "all evaluated", file=sys.stderr)
+            eval_problems = eval_problems[:cfg.eval_size]
             model, tokenizer = load_model_and_tokenizer(cfg, checkpoint)  # the same weights in every process
+            check_context(model, tokenizer, train_problems + eval_problems, cfg)
             model.to(device)
             optimizer = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
             ref_model = reference_model(cfg, model, device)
@@ -147,6 +152,20 @@ def train(cfg: Config, argv: list[str] = ()) -> dict | None:
             return run(model, ref_model, tokenizer, optimizer, train_problems, eval_problems, begin, cfg, device, argv)
     finally:
         distributed.finish()
+
+
+def check_context(model, tokenizer, problems: list[dict], cfg: Config):
+    """Refuse in one line, before any step, answers that cannot fit the model's context after the
+    longest prompt of the run (sample_trees would refuse it at the first batch that holds it)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is None:
+        return
+    longest = max(len(tokenizer(chat_prompt(tokenizer, problem["question"], cfg.system_prompt),
+                                add_special_tokens=False).input_ids) for problem in problems)
+    if longest + cfg.depth * cfg.segment_tokens > context:
+        raise SystemExit(f"--depth {cfg.depth} x --segment-tokens {cfg.segment_tokens} = "
+                         f"{cfg.depth * cfg.segment_tokens} answer tokens after the longest prompt ({longest} tokens) "
+                         f"exceed {cfg.model}'s context of {context} tokens: lower --segment-tokens or --depth")
 
 
 def run(model, ref_model, tokenizer, optimizer, train_problems, eval_problems, begin, cfg, device, argv):
@@ -237,15 +256,17 @@ def learn(model, ref_model, optimizer, mine: list, cfg: Config, device: str, sto
     if cfg.method == "treepo":  # per-leaf scores: each segment once, or (clipping) each leaf's path
         trees = treepo.weighted_trees(roots) if cfg.updates_per_batch == 1 else treepo.path_trees(roots)
     my_trees, total = distributed.share(trees, rank, world), counted_tokens(trees)  # divide by the batch's count
-    updates = []
+    updates = []  # the first update's log-probs are the old ones of the later updates: its ratio is exactly 1
     while len(updates) < cfg.updates_per_batch and not (updates and updates[-1]["skipped"]):
-        updates.append(update(model, ref_model, optimizer, my_trees, total, cfg, device, stop))
-    clip_fraction = sum(done["clip_fraction"] for done in updates) / len(updates)
-    return {**tree_metrics(roots, cfg.method), **updates[0], "clip_fraction": clip_fraction, "updates": len(updates),
-            "skipped": updates[-1]["skipped"]}, roots
+        keep = not updates and cfg.updates_per_batch > 1
+        updates.append(update(model, ref_model, optimizer, my_trees, total, cfg, device, stop, keep_logprobs=keep))
+    clip_fractions = [done["clip_fraction"] for done in updates]
+    return {**tree_metrics(roots, cfg.method), **updates[0], "clip_fraction": sum(clip_fractions) / len(updates),
+            "clip_fractions": clip_fractions, "updates": len(updates), "skipped": updates[-1]["skipped"]}, roots
 
 
-def update(model, ref_model, optimizer, trees, total_tokens, cfg: Config, device: str, stop=None) -> dict:
+def update(model, ref_model, optimizer, trees, total_tokens, cfg: Config, device: str, stop=None,
+           keep_logprobs=False) -> dict:
     """The loss, back-propagated (divided by the batch's `total_tokens`; every process's gradients
     summed), and one AdamW step: never with a loss or gradient that is not finite (the weights stay
     finite), nor when nothing counted (weight decay alone should not step). From the AdamW step on,
@@ -254,7 +275,7 @@ def update(model, ref_model, optimizer, trees, total_tokens, cfg: Config, device
         loss, stats = backward_loss(model, trees, ref_model=ref_model, kl_coef=cfg.kl_coef, clip_eps=cfg.clip_eps,
                                     temperature=cfg.temperature, packed=LOSS_ROWS[cfg.loss_rows],
                                     max_row_tokens=cfg.max_row_tokens, micro_batch_size=cfg.micro_batch_size,
-                                    total_tokens=total_tokens)
+                                    total_tokens=total_tokens, keep_logprobs=keep_logprobs)
     distributed.sum_gradients(trainable(model))
     loss, stats = distributed.sum_loss_stats(loss, stats, device)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable(model), cfg.grad_clip).item()
@@ -276,6 +297,8 @@ def sample_and_score(model, tokenizer, problems: list[dict], cfg: Config, device
         with gpu.autocast(device, cfg.dtype):
             try:
                 roots += sample(model, tokenizer, prompts[start:start + cfg.sample_batch_size], cfg)
+            except ValueError as error:  # a guard of treerpo.py's, already one line
+                raise SystemExit(f"sampling refused: {error}")
             except RuntimeError as error:  # torch.multinomial on NaN or infinite probabilities
                 if isinstance(error, torch.cuda.OutOfMemoryError) or not ("inf" in str(error) or "nan" in str(error)):
                     raise
@@ -303,9 +326,10 @@ def credit(roots, cfg: Config):
 
 
 def sample(model, tokenizer, prompts: list[str], cfg: Config):
-    """The three methods differ here (what they sample) and in the credit; the rest is shared. With
-    more than one update per batch, the log-probs of sampling are the PPO ratio's old ones."""
-    settings = dict(temperature=cfg.temperature, return_logprobs=cfg.updates_per_batch > 1)
+    """The three methods differ here (what they sample) and in the credit; the rest is shared. No
+    log-probs are recorded: PPO's old ones are the first update's (`learn`), computed as the later
+    updates compute theirs, where generate's cached decoding differs in bf16."""
+    settings = dict(temperature=cfg.temperature)
     if cfg.method == "treepo":
         return treepo.sample_budgeted_trees(model, tokenizer, prompts, width=cfg.width, divergence=cfg.divergence,
                                             segment_tokens=cfg.segment_tokens, max_depth=cfg.depth, **settings)
@@ -341,8 +365,11 @@ def evaluate(model, tokenizer, problems: list[dict], cfg: Config, device: str, s
             continue
         prompts = [chat_prompt(tokenizer, problem["question"], cfg.system_prompt) for problem in batch]
         with gpu.phase("evaluation"), gpu.autocast(device, cfg.dtype):
-            roots = sample_trees(model, tokenizer, prompts, branch=1, depth=1,
-                                 segment_tokens=cfg.depth * cfg.segment_tokens, do_sample=False)
+            try:
+                roots = sample_trees(model, tokenizer, prompts, branch=1, depth=1,
+                                     segment_tokens=cfg.depth * cfg.segment_tokens, do_sample=False)
+            except ValueError as error:  # a guard of treerpo.py's, already one line
+                raise SystemExit(f"evaluation refused: {error}")
         for root, problem in zip(roots, batch):
             answer = root.children[0]
             text = tokenizer.decode(answer.tokens, skip_special_tokens=True)  # decoded once, scored twice

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from treerpo import (SampledLogprobs, TreeNode, check_lengths, check_rows, check_sampling_args, special_ids,
-                     add_children, cache_argument, encode_prompts, generate_settings, leaves, nodes, pad_rows,
-                     path_from_root, response_tokens, reward_of)
+from treerpo import (SampledLogprobs, TreeNode, add_children, cache_argument, check_branchable, check_lengths,
+                     check_rows, check_sampling_args, encode_prompts, generate_settings, leaves, nodes, pad_rows,
+                     path_from_root, response_tokens, reward_of, special_ids)
 
 
 @dataclass(eq=False)
@@ -77,6 +77,7 @@ def sample_budgeted_trees(model, tokenizer, prompts: list[str], *, width: int, d
     """
     check_sampling_args(prompts, temperature, top_p, do_sample, width=width, divergence=divergence,
                          max_depth=max_depth, segment_tokens=segment_tokens)
+    check_branchable(model)
     check_rows(len(prompts) * width, max_rows, f"{len(prompts)} prompts x width {width}")
     pad_id, eos_ids = special_ids(model, tokenizer)
     roots = [BudgetedNode(tokens=tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts]

@@ -20,10 +20,11 @@ nodes are segments of at most L generated tokens; every node gets N fresh contin
 
 With depth=1 the tree is N independent answers to the prompt and TreeRPO is exactly GRPO.
 The four sections below follow these steps; the guards and compatibility helpers come last.
-Models: any Hugging Face causal LM whose `generate` takes a `DynamicCache`. Packed rows need an
-attention that takes a 4D mask (sdpa, eager) and no sliding window shorter than a path (Mistral,
-Gemma): elsewhere the loss trains leaf paths, with the same result. A forward without
-`logits_to_keep` works too, computing every position's logits (more memory).
+Models: any Hugging Face causal LM whose generation state is a KV cache (`DynamicCache`); state-space,
+hybrid and encoder-decoder models are refused. Packed rows need an attention that takes a 4D mask
+(sdpa, eager) and no sliding window shorter than a path (Mistral, Gemma): elsewhere the loss trains
+leaf paths, with the same result. A forward without `logits_to_keep` works too, computing every
+position's logits (more memory). The families tested are in the README ("Which models").
 """
 
 import contextlib
@@ -95,6 +96,7 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
         x branch ** depth), each with its KV cache. Runs under no_grad in eval mode (mode restored).
     """
     check_sampling_args(prompts, temperature, top_p, do_sample, branch=branch, depth=depth, segment_tokens=segment_tokens)
+    check_branchable(model)
     check_rows(len(prompts) * branch ** depth, max_rows, f"{len(prompts)} prompts x branch {branch} ** depth {depth}")
     pad_id, eos_ids = special_ids(model, tokenizer)
     prompt_ids = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
@@ -121,7 +123,9 @@ def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p
             raise ValueError(f"model.generation_config.{name} = {value!r} would change what is sampled or recorded; "
                              f"set it to {neutral!r} to sample trees")
     generation = dict(max_new_tokens=segment_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
-                      do_sample=do_sample, repetition_penalty=1.0)  # 1.0 overrides a model's default
+                      do_sample=do_sample, repetition_penalty=1.0,  # 1.0 overrides a model's default
+                      cache_implementation=None,  # the tree brings its own cache (Gemma's configs name "hybrid")
+                      **no_router_logits(model))
     if do_sample:  # top_k=0 too: the distribution sampled is the one recorded
         generation.update(temperature=temperature, top_p=top_p, top_k=0)
     return generation
@@ -169,7 +173,7 @@ def encode_prompts(model, input_ids, attention_mask) -> DynamicCache:
     if input_ids.shape[1] > 1:
         # logits_to_keep=1: skip the (B, P, vocab) logits nobody reads (GBs for a 151k vocabulary).
         model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids(attention_mask[:, :-1]),
-              **cache_argument(model, cache), use_cache=True, **logits_to_keep(model, 1))
+              **cache_argument(model, cache), use_cache=True, **logits_to_keep(model, 1), **no_router_logits(model))
     return cache
 
 
@@ -393,6 +397,7 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
     parent's last). positions: (rows, T) position ids, by default from the mask. Returns (rows, K).
     chunk_size: past this many scored positions, the output projection runs in chunks of them
     (where the logits are plain head(hidden)), so that the (rows, K, vocab) logits never exist at once.
+    Under autocast the head runs as the model's forward runs it (bf16), as when sampling.
     """
     if columns is None:
         columns = torch.arange(1, input_ids.shape[1], device=input_ids.device)
@@ -403,15 +408,15 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
     targets = input_ids[:, columns]  # (rows, K)
     # logits_to_keep: project onto the vocabulary only where a token is scored. The prompt's
     # positions need none; with Qwen's 151k vocabulary this cut the bench's loss step 12x (CPU).
-    keep, head = logits_to_keep(model, predictors), plain_output_head(model)
-    if keep and len(columns) > chunk_size and head is not None:
+    keep, head = {**logits_to_keep(model, predictors), **no_router_logits(model)}, plain_output_head(model)
+    if "logits_to_keep" in keep and len(columns) > chunk_size and head is not None:
         with hidden_states_out(model, head):
             hidden = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep).logits  # (rows,K,H)
         return torch.cat([chunk_logprobs(head, hidden[:, start:start + chunk_size],
                                          targets[:, start:start + chunk_size], temperature)
                           for start in range(0, len(columns), chunk_size)], dim=1)
     logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep).logits
-    return target_logprobs(logits if keep else logits[:, predictors], targets, temperature)
+    return target_logprobs(logits if "logits_to_keep" in keep else logits[:, predictors], targets, temperature)
 
 
 def target_logprobs(logits, targets, temperature: float):
@@ -439,6 +444,7 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None
     TreeRPO). Returns (weighted sum of per-token losses, dict of weighted sums for the stats).
         r = exp(logp - logp_old)
         loss = -min(r A, clip(r, 1 - eps, 1 + eps) A) + kl_coef * (exp(ref - logp) - (ref - logp) - 1)
+    A token counts as clipped where the clip binds: r > 1 + eps with A > 0, or r < 1 - eps with A < 0.
     """
     ratio = torch.exp(logprobs - old_logprobs)
     loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
@@ -447,20 +453,30 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None
         log_ratio = ref_logprobs - logprobs
         kl = torch.exp(log_ratio) - log_ratio - 1  # k3: unbiased, always >= 0
         loss = loss + kl_coef * kl
-    clipped = ((ratio - 1).abs() > clip_eps).float()
+    # Clipped where the clip binds (its gradient is 0), as TRL counts it: r above 1 + eps with A > 0, or
+    # below 1 - eps with A < 0. Elsewhere min() takes the unclipped term and the token still trains.
+    clipped = (((ratio > 1 + clip_eps) & (advantages > 0)) | ((ratio < 1 - clip_eps) & (advantages < 0))).float()
     return (loss * weights).sum(), {"kl": (kl.detach() * weights).sum().item(), "clipped": (clipped * weights).sum().item()}
 
 
 def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: float = 0.0, clip_eps: float = 0.2,
                   temperature: float = 1.0, packed: bool | None = None, max_row_tokens: int = 4096,
-                  micro_batch_size: int = 8, total_tokens: float | None = None) -> tuple[float, dict]:
+                  micro_batch_size: int = 8, total_tokens: float | None = None,
+                  keep_logprobs: bool = False) -> tuple[float, dict]:
     """The TreeRPO loss over scored trees, back-propagated; the caller steps the optimizer.
     Returns (the loss value, a dict of stats).
 
     The loss is the weighted mean over every counted token of the batch, back-propagated forward
     by forward (each part scaled by its share of the tokens), so memory holds one forward's
-    activations. Old log-probs are the recorded ones; where none were recorded the update is
-    on-policy (ratio 1: plain policy gradient).
+    activations. Three things a caller must get right:
+    temperature: the one the trees were sampled at: log-probs are taken under softmax(logits / T).
+    ref_model: with kl_coef > 0, a frozen copy of the starting model that computes as the policy
+        does (same weight dtype, under the same autocast), e.g. copy.deepcopy(model).requires_grad_(False).
+    the gradient: clip its norm before the optimizer steps (the demo clips to 1.0): a step's norm
+        is easily 10 on a real model.
+    Old log-probs (PPO's ratio) are each node's `logprobs`; where none are set the ratio is exactly 1
+    (plain policy gradient). keep_logprobs: write this pass's log-probs, detached, into the trained
+    nodes' `logprobs`, so that later calls on the same trees (PPO's further updates) take them as old.
     packed: True trains `packed_rows` (rows of at most `max_row_tokens` tokens under a tree mask,
         one a forward), which needs models that take it (`can_pack`); False trains `leaf_path_rows`,
         `micro_batch_size` a forward, any model; None: packed where the models can.
@@ -495,6 +511,8 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
             ref_logprobs = token_logprobs(ref_model, *inputs) if kl_coef else None
         old_logprobs = batch["old_logprobs"][:, columns]
         old_logprobs = torch.where(old_logprobs.isnan(), logprobs.detach(), old_logprobs)
+        if keep_logprobs:
+            keep_node_logprobs(rows, columns, logprobs.detach())
         loss_sum, sums = ppo_clip_loss(logprobs, old_logprobs, batch["advantages"][:, columns],
                                        batch["weights"][:, columns], ref_logprobs, clip_eps, kl_coef)
         stats["logit_positions"] += logprobs.numel()
@@ -503,6 +521,19 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
         stats["kl"] += sums["kl"] / divisor
         stats["clip_fraction"] += sums["clipped"] / divisor
     return total_loss, stats
+
+
+def keep_node_logprobs(rows: list[dict], columns, logprobs) -> None:
+    """Set `logprobs` of every node trained in `rows` to its tokens' log-probs: logprobs (rows, K) at
+    `columns` (K,). Each trained node is trained in one row only, so each is set once."""
+    index_of = {column: k for k, column in enumerate(columns.tolist())}
+    for row_logprobs, row in zip(logprobs.tolist(), rows):
+        trained = {}  # slot -> the log-probs of its trained tokens, in order
+        for index, (slot, weight) in enumerate(zip(row["slots"], row["weights"])):
+            if weight > 0:
+                trained.setdefault(slot, []).append(row_logprobs[index_of[index]])
+        for slot, node_logprobs in trained.items():
+            row["members"][slot].logprobs = node_logprobs
 
 
 def counted_tokens(trees: list[TreeNode]) -> float:
@@ -542,7 +573,26 @@ REFUSED_GENERATION = dict(
     forced_eos_token_id=None, forced_decoder_ids=None, exponential_decay_length_penalty=None, renormalize_logits=False,
     min_new_tokens=0, num_beam_groups=1, diversity_penalty=0.0, num_return_sequences=1, penalty_alpha=None,
     dola_layers=None, guidance_scale=1.0, watermarking_config=None, stop_strings=None, max_time=None,
-    prompt_lookup_num_tokens=None, cache_implementation=None)
+    prompt_lookup_num_tokens=None)
+
+
+ATTENTION_LAYERS = {"full_attention", "sliding_attention"}  # layer_types whose KV cache a copy branches
+
+
+def check_branchable(model):
+    """Refuse, in one line, a model whose generation state is not a KV cache that copying branches:
+    encoder-decoders, and state-space or hybrid models (Mamba, Jamba, Bamba, Falcon-H1, LFM2, Qwen3-Next),
+    whose recurrent state the tree's cache copies would not carry (one check per transformers version:
+    `layer_types` from 5.x, `_is_stateful` in 4.57)."""
+    config, name = getattr(model, "config", None), type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{name} is an encoder-decoder model: sample_trees needs a decoder-only causal LM")
+    others = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYERS)
+    supports_dynamic_cache = getattr(model, "_supports_default_dynamic_cache", lambda: True)
+    if others or getattr(model, "_is_stateful", False) or not supports_dynamic_cache():
+        state = f"layers of type {', '.join(others)}" if others else "a recurrent (state-space) state"
+        raise ValueError(f"{name} keeps {state}, which copying a KV cache cannot branch: sample_trees needs an "
+                         "attention-only causal LM")
 
 
 def check_rows(rows: int, max_rows: int, what: str):  # before anything is allocated
@@ -690,6 +740,14 @@ def logits_to_keep(model, columns) -> dict:
     parameters = inspect.signature(getattr(model, "forward", model)).parameters
     takes = "logits_to_keep" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
     return {"logits_to_keep": columns} if takes else {}
+
+
+def no_router_logits(model) -> dict:
+    """`output_router_logits=False` where the forward takes it (mixtures of experts): their router's
+    balancing loss reads a 2D mask and fails on a packed row's tree mask, and on a cached generation
+    step; neither sampling nor the loss needs it."""
+    parameters = inspect.signature(getattr(model, "forward", model)).parameters
+    return {"output_router_logits": False} if "output_router_logits" in parameters else {}
 
 
 def plain_output_head(model):

@@ -16,7 +16,7 @@ import urllib.parse
 from pathlib import Path
 
 from demo import distributed, gpu, run_folder
-from reward import local_data_files
+from reward import SYSTEM_PROMPTS, local_data_files
 from treerpo import check_rows
 
 
@@ -46,6 +46,7 @@ def parse_args(config_class, smoke_defaults: dict, argv, description: str):
         else:
             parser.add_argument(flag, type=knob_field.type, default=knob_field.default, choices=meta["choices"],
                                 help=f"{meta['help']} (default: %(default)s)")
+    argv = negative_numbers_joined(argv)
     args = parser.parse_args(argv)
     if args.smoke:  # the smoke defaults, then the command line again on top
         parser.set_defaults(**smoke_defaults)
@@ -60,6 +61,26 @@ def parse_args(config_class, smoke_defaults: dict, argv, description: str):
     return cfg, plot_dirs
 
 
+def negative_numbers_joined(argv) -> list[str]:
+    """`--lr -1e-5` as `--lr=-1e-5`: argparse takes "-1e-5" for a flag (its negative numbers are
+    only -1 and -1.5), so the flag would get argparse's "expected one argument" instead of its rule."""
+    joined = []
+    for arg in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and arg.startswith("-") and is_number(arg):
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def config_problem(config_class, cfg) -> str | None:
     """What is wrong with `cfg`, in one line, or None. Cheap checks only: nothing is loaded."""
     for knob_field in dataclasses.fields(config_class):
@@ -70,7 +91,8 @@ def config_problem(config_class, cfg) -> str | None:
             return f"--{knob_field.name.replace('_', '-')} must be {wanted}, got {value}"
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
         return "--lora-rank needs peft, an optional dependency: pip install peft"
-    problem = gpu.device_problem(cfg.device) or group_problem(cfg) or model_problem(cfg.model) or data_problem(cfg.data)
+    problem = (gpu.device_problem(cfg.device) or group_problem(cfg) or model_problem(cfg.model) or
+               data_problem(cfg.data) or system_prompt_problem(cfg.system_prompt))
     if problem:
         return problem
     if cfg.prompts_per_step < distributed.processes():
@@ -95,6 +117,14 @@ def group_problem(cfg) -> str | None:
         return (f"{flag} {size} with --method {cfg.method}: one answer per group has nothing to be compared with, "
                 f"so nothing would be trained; use {flag} 2 or more")
     return None
+
+
+def system_prompt_problem(system_prompt: str) -> str | None:
+    """One word that is no preset is a misspelt preset (`breif`), not a system message: refused."""
+    if system_prompt in SYSTEM_PROMPTS or len(system_prompt.split()) > 1:
+        return None
+    return (f"--system-prompt {system_prompt}: not a preset ({', '.join(SYSTEM_PROMPTS)}); a system message of "
+            "your own is text of more than one word")
 
 
 def model_problem(model: str) -> str | None:

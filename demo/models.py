@@ -10,9 +10,6 @@ from pathlib import Path
 
 import torch
 
-from demo import gpu
-
-
 
 def load_model_and_tokenizer(cfg, checkpoint: Path | None = None):
     """The policy in fp32 (AdamW at lr 1e-6 needs fp32 weights: bf16 would round most updates
@@ -65,9 +62,10 @@ def reference_model(cfg, model, device: str):
     if cfg.lora_rank:
         return adapters_off(model)
     plain = dataclasses.replace(cfg, gradient_checkpointing=False)
-    bf16 = gpu.computes_in_bf16(device, cfg.dtype)  # it computes in bf16 under autocast anyway: half the memory
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    return load_model_and_tokenizer(plain)[0].to(device, dtype=dtype).eval().requires_grad_(False)
+    # fp32 weights, as the policy's: under autocast the embeddings, norms and residual stream run in
+    # the weights' dtype, so a bf16 copy would compute another model (k3 KL 2e-3 a token before any
+    # update, where an fp32 copy gives 0). The cost: 2 bytes a parameter more than bf16 (1.26 GB at 630M).
+    return load_model_and_tokenizer(plain)[0].to(device, dtype=torch.float32).eval().requires_grad_(False)
 
 
 def adapters_off(peft_model):

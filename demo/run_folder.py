@@ -52,14 +52,55 @@ def opened(out: Path, overwrite: bool, resume: bool, owner: bool = True):
     if not owner:
         yield None
         return
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = take_lock(out)  # before anything in the folder is touched
+    forgotten = False
     try:
         if overwrite:
             clear_run(out)
         yield newest_checkpoint(out) if resume else None
+    except BaseException:  # a start that failed, or was stopped, before anything worth resuming
+        forgotten = not resume and forget_unstarted_run(out)
+        raise
     finally:
         lock.release()
+        if forgotten:  # the folder as it was: the same command, or a corrected one, runs in it as it is
+            (out / "run.lock").unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+
+
+def forget_unstarted_run(out: Path) -> bool:
+    """Clear what a new run wrote if it ended before it had anything to resume from: no checkpoint,
+    and no record of a training step (a step-0 evaluation alone is redone by the next start).
+    Returns whether it cleared."""
+    if checkpoints(out) or any(json.loads(line).get("step", 0) > 0 for line in readable_lines(out / "metrics.jsonl")):
+        return False
+    clear_run(out)
+    return True
+
+
+def readable_lines(path: Path) -> list[str]:
+    """The complete JSON lines at the start of a JSON Lines file (none if it is missing)."""
+    return json_lines(path.read_text().split("\n")[:-1] if path.exists() else [])
+
+
+def json_lines(lines: list) -> list:
+    """The lines (str or bytes) up to the first that is not JSON: a cut-off line ends them."""
+    complete = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except ValueError:
+            break
+        complete.append(line)
+    return complete
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """The complete checkpoint folders in `out`, oldest first (a temporary one is hidden: .checkpoint-)."""
+    return sorted(folder for folder in out.glob(f"{PREFIX}*") if folder.is_dir())
 
 
 def take_lock(out: Path) -> FileLock:
@@ -112,7 +153,7 @@ def newest_checkpoint(out: Path, hashes: bool = True) -> Path | None:
     (SystemExit naming the damaged file and the way out); None when there is none. Folders of
     saves that were interrupted before their rename are not checkpoints and are ignored.
     hashes=False checks only that every file is there with its size (fast)."""
-    folders = sorted(folder for folder in out.glob(f"{PREFIX}*") if folder.is_dir())
+    folders = checkpoints(out)
     if not folders:
         return None
     folder = folders[-1]
@@ -245,13 +286,7 @@ def trim_records(path: Path, records: int) -> int:
     saw); move any later line, and a partial last line, to <name>.discarded.jsonl beside it. Returns
     how many are kept."""
     lines = path.read_bytes().split(b"\n") if path.exists() else []
-    kept = []
-    for line in lines[:-1][:records]:  # lines[-1] follows the last newline: partial, or b""
-        try:
-            json.loads(line)
-        except ValueError:
-            break
-        kept.append(line)
+    kept = json_lines(lines[:-1][:records])  # lines[-1] follows the last newline: partial, or b""
     moved = [line for line in lines[len(kept):] if line.strip()]
     if moved:
         with open(path.with_suffix(".discarded.jsonl"), "ab") as file:
@@ -405,7 +440,7 @@ def stopped(stop: GracefulStop, what: str, saved: Path | None, argv: list[str]):
     holds the run so far) or, with none, from the start; exit with status 130."""
     if distributed.rank_and_world()[0] == 0:
         go_on = (f"checkpoint in {saved}. Resume with: {resume_command(argv)}" if saved else
-                 f"nothing to keep yet. Start over with: {start_over_command(argv)}")
+                 f"nothing to keep yet. Start over with: {command(argv, None)}")
         print(f"stopped by {stop.requested or 'a stop signal'} {what}; {go_on}", flush=True)
     raise SystemExit(130)
 
@@ -430,7 +465,8 @@ def resume_run(checkpoint: Path, optimizer, out: Path, rank: int = 0) -> Begin:
     if rank:
         return begin
     begin.records = trim_records(out / "metrics.jsonl", run_state["metrics_records"])
-    trim_records(out / "trees.jsonl", run_state["step"])
+    if (out / "trees.jsonl").exists():  # --save-trees: not created where it was never asked for
+        trim_records(out / "trees.jsonl", run_state["step"])
     if begin.records < run_state["metrics_records"]:
         tqdm.write(f"note: metrics.jsonl held {begin.records} of the {run_state['metrics_records']} records "
                    f"{checkpoint.name} was saved after", file=sys.stderr)
@@ -447,23 +483,36 @@ def clear_run(out: Path):
 
 def resume_command(argv: list[str]) -> str:
     """The command that resumes a run: the one that started it (`argv`), with --resume."""
-    return "python train_gsm8k.py " + shlex.join([arg for arg in argv if arg not in ("--resume", "--overwrite")] + ["--resume"])
+    return command(argv, "--resume")
 
 
-def start_over_command(argv: list[str]) -> str:
-    return "python train_gsm8k.py " + shlex.join([arg for arg in argv if arg not in ("--resume", "--overwrite")]
-                                                 + ["--overwrite"])
+def start_over_command(out: Path, argv: list[str]) -> str:
+    """The command that starts the run again: with --overwrite where the folder still holds its records."""
+    return command(argv, "--overwrite" if (out / "metrics.jsonl").exists() else None)
+
+
+KEPT_ENVIRONMENT = ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")  # they change the speed or the device
+
+
+def command(argv: list[str], flag: str | None) -> str:
+    """`python train_gsm8k.py` (under torchrun, with as many processes) with `argv` less --resume and
+    --overwrite, plus `flag`, after the environment variables of KEPT_ENVIRONMENT this run started with."""
+    environment = [f"{name}={shlex.quote(os.environ[name])}" for name in KEPT_ENVIRONMENT if name in os.environ]
+    processes = distributed.processes()
+    launcher = f"torchrun --standalone --nproc_per_node {processes}" if processes > 1 else "python"
+    arguments = [arg for arg in argv if arg not in ("--resume", "--overwrite")] + ([flag] if flag else [])
+    return " ".join(environment + [f"{launcher} train_gsm8k.py", shlex.join(arguments)])
 
 
 def where_to_go_on(out: Path, argv: list[str], steps: int) -> str:
     """The last complete checkpoint and the command that resumes from it, or that the run is
     complete, or (no checkpoint) the command that starts over."""
-    checkpoints = sorted(folder for folder in out.glob(f"{PREFIX}*") if folder.is_dir())
-    if not checkpoints:
-        return f"No checkpoint was saved yet; start over with: {start_over_command(argv)}"
-    if checkpoint_step(checkpoints[-1]) >= steps and not checkpoint_pending(checkpoints[-1]):
-        return f"The run is complete: its last checkpoint is {checkpoints[-1]}"
-    return f"The last complete checkpoint is {checkpoints[-1]}; resume with: {resume_command(argv)}"
+    saved = checkpoints(out)
+    if not saved:
+        return f"No checkpoint was saved yet; start over with: {start_over_command(out, argv)}"
+    if checkpoint_step(saved[-1]) >= steps and not checkpoint_pending(saved[-1]):
+        return f"The run is complete: its last checkpoint is {saved[-1]}"
+    return f"The last complete checkpoint is {saved[-1]}; resume with: {resume_command(argv)}"
 
 
 def closing_line(out: Path, first_step: int, steps: int, seconds: float) -> str:
@@ -474,7 +523,7 @@ def closing_line(out: Path, first_step: int, steps: int, seconds: float) -> str:
               for kind in ("strict", "lenient")}
     done = f"steps {first_step + 1}-{steps}" if steps > first_step else "the evaluation only"
     took = f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
-    checkpoints = sorted(out.glob(f"{PREFIX}*"))
+    saved = checkpoints(out)
     return (f"done: {done} in {took}; held-out Pass@1 ({evaluated[-1]['eval_questions']} questions) strict "
             f"{scores['strict']}, lenient {scores['lenient']}; metrics in {out / 'metrics.jsonl'}"
-            + (f", checkpoint {checkpoints[-1]}" if checkpoints else ""))
+            + (f", checkpoint {saved[-1]}" if saved else ""))

