@@ -1133,7 +1133,7 @@ def refused(argv, capsys, monkeypatch) -> str:
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded something before refusing a bad flag")
-    for loader in ("load_problems", "load_model_and_tokenizer", "evaluate"):
+    for loader in ("load_problems", "load_model_and_tokenizer"):
         monkeypatch.setattr(train_gsm8k, loader, must_not_load)
     with pytest.raises(SystemExit) as exit_info:
         train_gsm8k.main(argv)
@@ -1274,11 +1274,13 @@ def test_system_prompt_is_what_sampling_and_evaluation_see(tokenizer, monkeypatc
     def spy(model, tokenizer, prompts, **kwargs):
         seen.extend(prompts)
         return real_sample_trees(model, tokenizer, prompts, **kwargs)
+    from demo import evaluation
     monkeypatch.setattr(train_gsm8k, "sample_trees", spy)
+    monkeypatch.setattr(evaluation, "sample_trees", spy)
     model = tiny_model(len(tokenizer))
     problems = reward.word_problems("easy", "test")[:2]
     train_gsm8k.sample_and_score(model, tokenizer, problems, cfg, "cpu")
-    train_gsm8k.evaluate(model, tokenizer, problems, cfg, "cpu")
+    evaluation.evaluate(model, tokenizer, problems, cfg, "cpu")
     assert len(seen) == 4 and all("system\nReply in verse.<|im_end|>" in prompt for prompt in seen)
     assert all(problems[i % 2]["question"] in prompt for i, prompt in enumerate(seen))
 

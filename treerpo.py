@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 NORMS = ("std", "bernoulli", "none")
 
@@ -84,7 +84,7 @@ def response_tokens(node: TreeNode) -> list[int]:
 
 def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: int, segment_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
-                 return_logprobs: bool = False, max_rows: int = 4096) -> list[TreeNode]:
+                 return_logprobs: bool = False, max_rows: int = 4096, should_stop=None) -> list[TreeNode]:
     """Sample one tree per prompt; returns the roots.
 
     prompts: already-templated text, tokenized without special tokens (a chat template writes its
@@ -94,6 +94,8 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
         distribution sampled from when top_p = 1. `backward_loss` uses the same definition.
     max_rows: refuse, before anything is allocated, a last level that could need more rows (prompts
         x branch ** depth), each with its KV cache. Runs under no_grad in eval mode (mode restored).
+    should_stop: a function of nothing, checked at every generated token: when it returns True,
+        sampling ends there and StopRequested is raised (a training loop's Ctrl-C).
     """
     check_sampling_args(prompts, temperature, top_p, do_sample, branch=branch, depth=depth, segment_tokens=segment_tokens)
     check_branchable(model)
@@ -104,19 +106,22 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
 
     roots = [TreeNode(tokens=ids) for ids in prompt_ids]
     input_ids, attention_mask = pad_rows(prompt_ids, pad_id, side="left", device=model.device)  # (B, P)
-    generation = generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample)
+    generation = generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample, should_stop)
     was_training = model.training
     model.eval()  # sampling is inference: no dropout, and gradient checkpointing would turn the cache off
     try:
         grow_trees(model, roots, input_ids, attention_mask, branch=branch, depth=depth, eos_ids=eos_ids,
-                   logprob_temperature=temperature if return_logprobs else None, **generation)
+                   logprob_temperature=temperature if return_logprobs else None, should_stop=should_stop,
+                   **generation)
     finally:
         model.train(was_training)
     return roots
 
 
-def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample) -> dict:
-    """`generate`'s keyword arguments: L tokens from softmax(logits / temperature) (top_p if < 1)."""
+def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample,
+                      should_stop=None) -> dict:
+    """`generate`'s keyword arguments: L tokens from softmax(logits / temperature) (top_p if < 1),
+    ended at the next token when should_stop() is true."""
     for name, neutral in REFUSED_GENERATION.items():
         value = getattr(model.generation_config, name, None)
         if value is not None and value != neutral:
@@ -128,15 +133,17 @@ def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p
                       **no_router_logits(model))
     if do_sample:  # top_k=0 too: the distribution sampled is the one recorded
         generation.update(temperature=temperature, top_p=top_p, top_k=0)
+    if should_stop is not None:
+        generation["stopping_criteria"] = StoppingCriteriaList([StopWhen(should_stop)])
     return generation
 
 
 @torch.no_grad()
 def grow_trees(model, roots, input_ids, attention_mask, *, branch, depth, eos_ids, logprob_temperature,
-               **generation):
+               should_stop=None, **generation):
     """Add `depth` levels of children under `roots`, level by level, in place. input_ids,
     attention_mask: (B, P), the left-padded prompts. generation: `generate`'s keyword arguments.
-    logprob_temperature: record log-probs at this temperature, or None."""
+    logprob_temperature: record log-probs at this temperature, or None. should_stop: see sample_trees."""
     frontier = roots  # the nodes whose children the next level samples, one row each
     cache = encode_prompts(model, input_ids, attention_mask)
     for level in range(1, depth + 1):
@@ -150,6 +157,7 @@ def grow_trees(model, roots, input_ids, attention_mask, *, branch, depth, eos_id
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model, cache),
                              logits_processor=LogitsProcessorList([recorder] if recorder else []),
                              return_dict_in_generate=True, **generation)
+        stop_point(should_stop)  # before the rows it cut short become nodes
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W), W < L only if every row hit EOS
         logprobs = recorder.result(out.sequences) if recorder else None  # (rows, W)
         children = add_children(parents, new_tokens, logprobs, eos_ids, generation["max_new_tokens"])
@@ -175,6 +183,26 @@ def encode_prompts(model, input_ids, attention_mask) -> DynamicCache:
         model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids(attention_mask[:, :-1]),
               **cache_argument(model, cache), use_cache=True, **logits_to_keep(model, 1), **no_router_logits(model))
     return cache
+
+
+class StopRequested(Exception):
+    """Raised at a safe point once `should_stop()` says so: between generated tokens (the unfinished
+    trees are dropped) or between the loss's forwards (its gradients so far are partial: zero them)."""
+
+
+class StopWhen(StoppingCriteria):
+    """Ends `generate` at the next token, every row at once, when should_stop() is true."""
+
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **kwargs):  # (rows, T) -> (rows,) bool: done
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
+
+
+def stop_point(should_stop):
+    if should_stop is not None and should_stop():
+        raise StopRequested
 
 
 class SampledLogprobs(LogitsProcessor):
@@ -462,7 +490,7 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None
 def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: float = 0.0, clip_eps: float = 0.2,
                   temperature: float = 1.0, packed: bool | None = None, max_row_tokens: int = 4096,
                   micro_batch_size: int = 8, total_tokens: float | None = None,
-                  keep_logprobs: bool = False) -> tuple[float, dict]:
+                  keep_logprobs: bool = False, should_stop=None) -> tuple[float, dict]:
     """The TreeRPO loss over scored trees, back-propagated; the caller steps the optimizer.
     Returns (the loss value, a dict of stats).
 
@@ -482,6 +510,8 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
         `micro_batch_size` a forward, any model; None: packed where the models can.
     total_tokens: what the loss is divided by: by default these trees' `counted_tokens`; data-parallel
         training passes the whole batch's, then sums the processes' gradients.
+    should_stop: checked before each forward and after the last; when it returns True, StopRequested
+        is raised (the gradients accumulated so far are partial).
     """
     check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens)
     packed = can_pack([model] + ([ref_model] if kl_coef else []), trees, packed)
@@ -502,6 +532,7 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
              "logit_positions": 0, "kl": 0.0, "clip_fraction": 0.0, "packed": packed}
     total_loss = 0.0
     for rows in batches:
+        stop_point(should_stop)
         batch = collate(rows, model, packed)
         columns = (batch["weights"] > 0).any(0).nonzero().squeeze(1)  # (K,) columns where some row is trained
         inputs = (batch["input_ids"], batch["attention_mask"], temperature, columns, batch["previous"][columns],
@@ -520,6 +551,7 @@ def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: floa
         total_loss += loss_sum.item() / divisor
         stats["kl"] += sums["kl"] / divisor
         stats["clip_fraction"] += sums["clipped"] / divisor
+    stop_point(should_stop)  # the loss is whole, the caller's update not begun
     return total_loss, stats
 
 

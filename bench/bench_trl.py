@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 
 from reward import SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, word_problems
-from demo.run_folder import json_record
-from train_gsm8k import Config, evaluate
+from demo.records import json_record
+from demo.evaluation import evaluate
+from train_gsm8k import Config
 from treerpo import assign_advantages, backward_loss, leaves, pad_rows, sample_trees
 
 STEPS, PROMPTS_PER_STEP, ANSWERS, SEGMENT_TOKENS, DEPTH = 20, 8, 8, 16, 3  # the recipe: answers of 3 x 16 tokens

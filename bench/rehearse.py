@@ -29,6 +29,7 @@ from collections import Counter
 import torch
 
 import train_gsm8k
+from demo import evaluation
 from bench.bench import PeakMemory, rss_bytes
 from reward import SMOKE_PROBLEMS, load_problems
 from treerpo import leaves, nodes
@@ -93,8 +94,9 @@ def main(argv=None):
         flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))] if getattr(args, name) else []
     cfg, _ = train_gsm8k.parse_args(flags)
     stop_above, figures = args.stop_above * 2**30, {}
-    for name, function in (("evaluation", "evaluate"), ("sampling", "sample_and_score"), ("loss", "backward_loss")):
-        setattr(train_gsm8k, function, measured(name, getattr(train_gsm8k, function), figures, stop_above))
+    for name, module, function in (("evaluation", evaluation, "evaluate"), ("sampling", train_gsm8k, "sample_and_score"),
+                                   ("loss", train_gsm8k, "backward_loss")):
+        setattr(module, function, measured(name, getattr(module, function), figures, stop_above))
     train_problems = SMOKE_PROBLEMS if args.data == "smoke" else load_problems(args.data, "train")
     random.Random(cfg.seed).shuffle(train_problems)  # the demo's order: its first step's questions
     test_problems = SMOKE_PROBLEMS if args.data == "smoke" else load_problems(args.data, "test")
@@ -115,7 +117,7 @@ def main(argv=None):
         print(f"steady state     {rss_bytes() / 2**30:6.2f} GB resident  (AdamW's moments, the policy's own pages)")
     optimizer.step = measured("optimizer step", optimizer.step, figures, stop_above)
     torch.manual_seed(0)
-    evaluation = train_gsm8k.evaluate(model, tokenizer, test_problems[:args.eval_size], cfg, "cpu")
+    scores = evaluation.evaluate(model, tokenizer, test_problems[:args.eval_size], cfg, "cpu")
     if args.coin_rewards:  # for the step's leaves (the evaluation above is scored for real)
         coin = random.Random(0)
         train_gsm8k.gsm8k_reward = lambda text, answer, strict=False: float(coin.random() < 0.5)
@@ -128,7 +130,7 @@ def main(argv=None):
     result = {"config": {"model": args.model, "dtype": args.dtype, "max_row_tokens": cfg.max_row_tokens,
                          "tree": [cfg.branch, cfg.depth, cfg.segment_tokens], "prompts": args.prompts, "steady": args.steady, "coin_rewards": args.coin_rewards,
                          "threads": torch.get_num_threads(), "torch": torch.__version__},
-              "phases": figures, "step": shape, "anatomy": trees, "evaluation": evaluation,
+              "phases": figures, "step": shape, "anatomy": trees, "evaluation": scores,
               "peak_gb": max(f["peak_gb"] for f in figures.values())}
     if args.json:
         with open(args.json, "w") as file:

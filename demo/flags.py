@@ -10,13 +10,15 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 import socket
+import sys
 import tempfile
 import urllib.parse
 from pathlib import Path
 
-from demo import distributed, gpu, run_folder
-from reward import SYSTEM_PROMPTS, local_data_files
+from demo import checkpoints, device, distributed
+from reward import SYSTEM_PROMPTS, chat_prompt, local_data_files
 from treerpo import check_rows
 
 
@@ -61,24 +63,19 @@ def parse_args(config_class, smoke_defaults: dict, argv, description: str):
     return cfg, plot_dirs
 
 
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
 def negative_numbers_joined(argv) -> list[str]:
     """`--lr -1e-5` as `--lr=-1e-5`: argparse takes "-1e-5" for a flag (its negative numbers are
     only -1 and -1.5), so the flag would get argparse's "expected one argument" instead of its rule."""
     joined = []
     for arg in argv:
-        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and arg.startswith("-") and is_number(arg):
-            joined[-1] = f"{joined[-1]}={arg}"
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and NEGATIVE_NUMBER.fullmatch(arg):
+            joined[-1] += "=" + arg
         else:
             joined.append(arg)
     return joined
-
-
-def is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def config_problem(config_class, cfg) -> str | None:
@@ -91,7 +88,7 @@ def config_problem(config_class, cfg) -> str | None:
             return f"--{knob_field.name.replace('_', '-')} must be {wanted}, got {value}"
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
         return "--lora-rank needs peft, an optional dependency: pip install peft"
-    problem = (gpu.device_problem(cfg.device) or group_problem(cfg) or model_problem(cfg.model) or
+    problem = (device.device_problem(cfg.device) or group_problem(cfg) or model_problem(cfg.model) or
                data_problem(cfg.data) or system_prompt_problem(cfg.system_prompt))
     if problem:
         return problem
@@ -125,6 +122,26 @@ def system_prompt_problem(system_prompt: str) -> str | None:
         return None
     return (f"--system-prompt {system_prompt}: not a preset ({', '.join(SYSTEM_PROMPTS)}); a system message of "
             "your own is text of more than one word")
+
+
+def first_questions(problems: list[dict], size: int, say: bool) -> list[dict]:
+    """The first `size` test questions; where the split has fewer, all of them, and (say) a note."""
+    if say and size > len(problems):
+        print(f"note: --eval-size {size}: the test split has {len(problems)} questions, all evaluated", file=sys.stderr)
+    return problems[:size]
+
+
+def check_context(model, tokenizer, problems: list[dict], cfg):
+    """Refuse in one line answers that cannot fit the model's context after the run's longest prompt,
+    once the tokenizer and config are known (sample_trees would refuse the first batch that holds it)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(tokenizer(chat_prompt(tokenizer, problem["question"], cfg.system_prompt),
+                                add_special_tokens=False).input_ids) for problem in problems)
+    if context is None or longest + cfg.depth * cfg.segment_tokens <= context:
+        return
+    raise SystemExit(f"--depth {cfg.depth} x --segment-tokens {cfg.segment_tokens} = {cfg.depth * cfg.segment_tokens} answer "
+                     f"tokens after the longest prompt ({longest} tokens) exceed {cfg.model}'s context of {context} "
+                     "tokens: lower --segment-tokens or --depth")
 
 
 def model_problem(model: str) -> str | None:
@@ -207,16 +224,16 @@ def out_problem(cfg) -> str | None:
         return "--resume and --overwrite contradict each other: choose one"
     if cfg.resume:
         try:
-            checkpoint = run_folder.newest_checkpoint(out, hashes=False)
+            checkpoint = checkpoints.newest_checkpoint(out, hashes=False)
         except SystemExit as error:
             return str(error)
         if checkpoint is None:
             return f"--resume: no checkpoint in {out}; run without --resume first"
-        step, processes = run_folder.checkpoint_step(checkpoint), run_folder.checkpoint_processes(checkpoint)
+        step, processes = checkpoints.checkpoint_step(checkpoint), checkpoints.checkpoint_processes(checkpoint)
         if processes != distributed.processes():
             return (f"--resume: the run in {out} ran in {processes} process(es), this is {distributed.processes()}: "
                     "resume it with as many (each process's random state is in the checkpoint)")
-        if step > cfg.steps or (step == cfg.steps and not run_folder.checkpoint_pending(checkpoint)):
+        if step > cfg.steps or (step == cfg.steps and not checkpoints.checkpoint_pending(checkpoint)):
             return f"--resume: the run in {out} already reached step {step} of --steps {cfg.steps}; raise --steps to go on"
     elif not cfg.overwrite and (out / "metrics.jsonl").exists():
         return (f"--out {out} already holds a run (metrics.jsonl): pass --resume to continue it, "

@@ -2,7 +2,7 @@
 LoRA adapters if asked), its tokenizer, and the frozen KL reference (used by train_gsm8k.py).
 
 The policy's weights stay in fp32 (AdamW at lr 1e-6 needs them: bf16 would round most updates
-away); the compute runs in bf16 under autocast where --dtype says so (demo/gpu.py).
+away); the compute runs in bf16 under autocast where --dtype says so (demo/device.py).
 """
 
 import dataclasses

@@ -7,6 +7,7 @@ import math
 import os
 import shlex
 import signal
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -15,11 +16,19 @@ import torch
 
 import reward
 import treerpo
-from demo import gpu, run_folder
+from demo import checkpoints, device as devices, evaluation, records as run_records, stops
 import train_gsm8k
 
 SMOKE = ["--smoke", "--eval-size", "2", "--eval-every", "2", "--save-every", "2", "--show-tree-every", "0",
          "--save-trees"]
+
+
+@pytest.fixture(autouse=True)
+def plain_environment(monkeypatch):
+    """The printed commands repeat OMP_NUM_THREADS and CUDA_VISIBLE_DEVICES where set (tested on their
+    own): unset here, so that the commands read the same whatever the tests run under."""
+    for name in stops.KEPT_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
 
 
 def run(out, *flags):
@@ -80,7 +89,7 @@ SAVE_POINTS = ["weights", "tokenizer", "trainer_state", "run_state", "fsync", "m
 
 def kill_during_save(monkeypatch, step, point):
     """Make the save of checkpoint `step` die just before `point`."""
-    original = run_folder.save_checkpoint
+    original = checkpoints.save_checkpoint
 
     def save(out, this_step, parts):
         if this_step != step:
@@ -88,17 +97,17 @@ def kill_during_save(monkeypatch, step, point):
         parts = [raise_killed if name == point else part for name, part in zip(SAVE_POINTS, parts)]
         with pytest.MonkeyPatch.context() as patch:
             if point == "fsync":
-                patch.setattr(run_folder, "_fsync", raise_killed)
+                patch.setattr(checkpoints, "_fsync", raise_killed)
             if point == "manifest":
-                patch.setattr(run_folder, "_write_synced", raise_killed)
+                patch.setattr(checkpoints, "_write_synced", raise_killed)
             if point == "rename":
-                patch.setattr(run_folder.os, "replace", raise_killed)
+                patch.setattr(checkpoints.os, "replace", raise_killed)
             if point == "old deleted":
-                rmtree = run_folder.shutil.rmtree
-                patch.setattr(run_folder.shutil, "rmtree", lambda path, **kwargs: raise_killed()
-                              if path.name == f"{run_folder.PREFIX}{step - 2:06d}" else rmtree(path, **kwargs))
+                rmtree = checkpoints.shutil.rmtree
+                patch.setattr(checkpoints.shutil, "rmtree", lambda path, **kwargs: raise_killed()
+                              if path.name == f"{checkpoints.PREFIX}{step - 2:06d}" else rmtree(path, **kwargs))
             return original(out, this_step, parts)
-    monkeypatch.setattr(run_folder, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save)
 
 
 @pytest.mark.parametrize("point", SAVE_POINTS)
@@ -109,7 +118,7 @@ def test_a_kill_at_any_point_of_a_save_loses_nothing(tmp_path, monkeypatch, stra
         run(out, "--steps", "6")
     monkeypatch.undo()
     expected = "checkpoint-000004" if point == "old deleted" else "checkpoint-000002"
-    assert run_folder.newest_checkpoint(out).name == expected
+    assert checkpoints.newest_checkpoint(out).name == expected
     assert run(out, "--steps", "6", "--resume") == 0
     assert records(out) == straight  # every step once, as if never interrupted
     assert (out / "trees.jsonl").read_text() == (straight_out / "trees.jsonl").read_text()  # --save-trees too
@@ -148,7 +157,7 @@ def test_records_after_the_checkpoint_and_a_partial_line_are_moved_aside(tmp_pat
 
 def test_records_are_strict_json():
     import numpy
-    line = run_folder.json_record({"a": numpy.float32(0.5), "b": numpy.int64(3), "c": math.nan, "d": -math.inf,
+    line = run_records.json_record({"a": numpy.float32(0.5), "b": numpy.int64(3), "c": math.nan, "d": -math.inf,
                                    "e": torch.tensor(2.0), "f": "text"})
     assert json.loads(line) == {"a": 0.5, "b": 3, "c": None, "d": None, "e": 2.0, "f": "text"}
 
@@ -176,7 +185,7 @@ def signal_at_call(monkeypatch, owner, name, call, signals, after=False):
 def signal_in_update(monkeypatch, step, signals):
     """Send `signals` during step `step`'s update, once its AdamW step is committed to (a step that
     trains something: in the smoke run, steps 1, 4 and 5)."""
-    steps, commit = [], run_folder.GracefulStop.commit
+    steps, commit = [], stops.Stop.commit
     signal_at_call(monkeypatch, train_gsm8k, "train_step", 10**9, [])
     counted = train_gsm8k.train_step
     monkeypatch.setattr(train_gsm8k, "train_step", lambda *args: steps.append(None) or counted(*args))
@@ -186,7 +195,7 @@ def signal_in_update(monkeypatch, step, signals):
         if len(steps) == step and not stop.requested:
             for number in signals:
                 os.kill(os.getpid(), number)
-    monkeypatch.setattr(run_folder.GracefulStop, "commit", committed)
+    monkeypatch.setattr(stops.Stop, "commit", committed)
 
 
 def command_after(line: str, words: str) -> list[str]:
@@ -197,15 +206,15 @@ def command_after(line: str, words: str) -> list[str]:
 
 # Where a stop lands: (what is wrapped, which call, after the call instead of before) and what the run must say.
 STOP_POINTS = {
-    "the evaluation before training": ((train_gsm8k, "evaluate", 1), "during the evaluation before training"),
+    "the evaluation before training": ((evaluation, "evaluate", 1), "during the evaluation before training"),
     "sampling, step 1": ((train_gsm8k, "sample_and_score", 1), "during step 1 of 6, before its update"),
     "sampling, step 3": ((train_gsm8k, "sample_and_score", 3), "during step 3 of 6, before its update"),
     "the loss, step 3": ((train_gsm8k, "backward_loss", 3), "during step 3 of 6, before its update"),
     "the update, step 5": (("update", 5), "after step 5 of 6; checkpoint in"),  # the smoke run trains in 1, 4, 5
     "the update, step 4": (("update", 4), "during the evaluation after step 4 of 6"),
-    "the evaluation after step 4": ((train_gsm8k, "evaluate", 3), "during the evaluation after step 4 of 6"),
-    "the last evaluation": ((train_gsm8k, "evaluate", 4), "during the evaluation after step 6 of 6"),
-    "the last save": ((run_folder, "save_checkpoint", 3), None),  # the run is complete: its closing line
+    "the evaluation after step 4": ((evaluation, "evaluate", 3), "during the evaluation after step 4 of 6"),
+    "the last evaluation": ((evaluation, "evaluate", 4), "during the evaluation after step 6 of 6"),
+    "the last save": ((checkpoints, "save_checkpoint", 3), None),  # the run is complete: its closing line
 }
 
 
@@ -253,10 +262,11 @@ def test_a_stop_is_taken_at_once(tmp_path, monkeypatch, phase, flags, kept):
         if len(calls) == (1 if phase == "evaluation" else 7):  # 7: step 3's first (evaluations 1 + 1, steps 2 each)
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
-    monkeypatch.setattr(train_gsm8k, "sample_trees", sample_trees)
+    for module in (train_gsm8k, evaluation):  # sampling's and the evaluation's calls, counted together
+        monkeypatch.setattr(module, "sample_trees", sample_trees)
     assert run(tmp_path / "run", "--steps", "6", *flags) == 130
     assert len(calls) == (1 if phase == "evaluation" else 7)
-    newest = run_folder.newest_checkpoint(tmp_path / "run")
+    newest = checkpoints.newest_checkpoint(tmp_path / "run")
     assert (newest.name if newest else None) == kept
 
 
@@ -265,16 +275,16 @@ def test_an_evaluation_checks_for_a_stop_between_batches_where_it_cannot_drop_at
     but every process checks (all at once) before each batch."""
     cfg, _ = train_gsm8k.parse_args(["--smoke", "--out", "unused", "--eval-batch-size", "2"])
     model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
-    stop, calls = run_folder.GracefulStop(can_drop=False), []
+    stop, calls = stops.Stop(can_drop=False), []
     original = train_gsm8k.sample_trees
 
     def sample_trees(*args, **kwargs):
         calls.append(None)
         stop.requested = "SIGTERM"  # as the handler sets it, without raising
         return original(*args, **kwargs)
-    monkeypatch.setattr(train_gsm8k, "sample_trees", sample_trees)
-    with pytest.raises(run_folder.Dropped):
-        train_gsm8k.evaluate(model, tokenizer, reward.SMOKE_PROBLEMS, cfg, "cpu", stop)
+    monkeypatch.setattr(evaluation, "sample_trees", sample_trees)
+    with pytest.raises(stops.Dropped):
+        evaluation.evaluate(model, tokenizer, reward.SMOKE_PROBLEMS, cfg, "cpu", stop)
     assert len(calls) == 1
 
 
@@ -374,7 +384,7 @@ def test_a_run_that_trains_nothing_says_so_once(tmp_path, monkeypatch, capsys):
 def test_the_idle_warning_says_what_the_rewards_show(rewards, why):
     history = [{"step": step, "reward": reward, "skipped": False, "tokens": 0, "grad_norm": 0.0}
                for step, reward in enumerate(rewards, start=1)]
-    assert why in run_folder.why_idle(history, patience=3)
+    assert why in train_gsm8k.why_idle(history, patience=3)
 
 
 # 6. Damaged state: refused in one line, before any loading; --overwrite always works ------------
@@ -488,8 +498,8 @@ def test_dtype_bf16_computes_every_phase_in_bf16_and_keeps_fp32_weights(tmp_path
                                              torch.get_autocast_dtype("cpu") == torch.bfloat16)
             return function(*args, **kwargs)
         return wrapper
-    for name in ("sample_trees", "backward_loss"):
-        monkeypatch.setattr(train_gsm8k, name, spy(name, getattr(train_gsm8k, name)))
+    for module, name in ((train_gsm8k, "sample_trees"), (evaluation, "sample_trees"), (train_gsm8k, "backward_loss")):
+        monkeypatch.setattr(module, name, spy(name, getattr(module, name)))
     monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
     references = []
     original_reference = train_gsm8k.reference_model
@@ -510,26 +520,26 @@ def test_dtype_bf16_computes_every_phase_in_bf16_and_keeps_fp32_weights(tmp_path
 
 
 def test_bf16_where_dtype_says_and_fp32_elsewhere():
-    assert all(gpu.on_gpu(device) for device in ("cuda", "cuda:1", torch.device("cuda", 1), torch.device("cuda")))
-    assert not any(gpu.on_gpu(device) for device in ("cpu", torch.device("cpu"), "meta"))
-    decisions = {(str(device), dtype): gpu.computes_in_bf16(device, dtype)
-                 for device in ("cpu", "cuda", "cuda:1", torch.device("cuda", 1)) for dtype in gpu.DTYPES}
+    assert all(devices.on_gpu(device) for device in ("cuda", "cuda:1", torch.device("cuda", 1), torch.device("cuda")))
+    assert not any(devices.on_gpu(device) for device in ("cpu", torch.device("cpu"), "meta"))
+    decisions = {(str(device), dtype): devices.computes_in_bf16(device, dtype)
+                 for device in ("cpu", "cuda", "cuda:1", torch.device("cuda", 1)) for dtype in devices.DTYPES}
     assert decisions == {(device, dtype): dtype == "bf16" or (dtype == "auto" and device != "cpu")
                          for device, dtype in decisions}
-    assert gpu.autocast("cpu")._enabled is False and gpu.autocast("cpu", "fp32")._enabled is False
-    with gpu.autocast("cpu", "bf16"):
+    assert devices.autocast("cpu")._enabled is False and devices.autocast("cpu", "fp32")._enabled is False
+    with devices.autocast("cpu", "bf16"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    assert gpu.peak_memory("cpu") == {}
+    assert devices.peak_memory("cpu") == {}
     with pytest.raises(ValueError, match="dtype must be one of"):
-        gpu.computes_in_bf16("cpu", "bfloat16")
+        devices.computes_in_bf16("cpu", "bfloat16")
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_says_so(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert "no bf16 instructions" in gpu.precision_note("cpu", "bf16")
-    assert gpu.precision_note("cpu", "fp32") is None and gpu.precision_note("cpu", "auto") is None
+    assert "no bf16 instructions" in devices.precision_note("cpu", "bf16")
+    assert devices.precision_note("cpu", "fp32") is None and devices.precision_note("cpu", "auto") is None
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    assert gpu.precision_note("cpu", "bf16") is None
+    assert devices.precision_note("cpu", "bf16") is None
 
 
 @pytest.mark.parametrize("phase, knob", [("backward_loss", "in the loss: lower --max-row-tokens"),
@@ -613,7 +623,7 @@ def test_the_kl_reference_holds_fp32_weights_as_the_policy(monkeypatch):
     """On a GPU too (--dtype auto: bf16 autocast): a bf16 copy would compute another model."""
     cfg, _ = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0.001", "--out", "unused"])
     model, _ = train_gsm8k.load_model_and_tokenizer(cfg)
-    monkeypatch.setattr(gpu, "on_gpu", lambda device: True)
+    monkeypatch.setattr(devices, "on_gpu", lambda device: True)
     reference = train_gsm8k.reference_model(cfg, model, "cpu")
     assert all(parameter.dtype == torch.float32 and not parameter.requires_grad for parameter in reference.parameters())
     assert all(parameter.dtype == torch.float32 for parameter in model.parameters())
@@ -667,9 +677,10 @@ def test_a_refusal_of_the_sampler_is_one_line(tmp_path, monkeypatch):
     """A ValueError that treerpo.py raises (its guards) reaches the user as one line, not a traceback."""
     def refuse(*args, **kwargs):
         raise ValueError("the longest prompt (9 tokens) + depth * segment_tokens (2000) exceeds the model's context")
-    monkeypatch.setattr(train_gsm8k, "sample_trees", refuse)
+    monkeypatch.setattr(evaluation, "sample_trees", refuse)
     assert one_line(run(tmp_path / "run")).startswith("evaluation refused: the longest prompt (9 tokens)")
-    monkeypatch.setattr(train_gsm8k, "evaluate", lambda *args, **kwargs: {})
+    monkeypatch.setattr(evaluation, "evaluate", lambda *args, **kwargs: {})
+    monkeypatch.setattr(train_gsm8k, "sample_trees", refuse)
     assert one_line(run(tmp_path / "run")).startswith("sampling refused: the longest prompt (9 tokens)")
 
 
@@ -691,9 +702,98 @@ def test_the_printed_commands_keep_the_environment_they_ran_in(tmp_path, monkeyp
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.delenv("HF_HOME", raising=False)
     argv = ["--model", "out/my model", "--resume"]
-    assert run_folder.resume_command(argv) == ("OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=0,1 python train_gsm8k.py "
+    assert stops.command(argv, "--resume") == ("OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=0,1 python train_gsm8k.py "
                                                "--model 'out/my model' --resume")
     (tmp_path / "metrics.jsonl").write_text("")
-    assert run_folder.start_over_command(tmp_path, argv).endswith("--model 'out/my model' --overwrite")
+    assert stops.where_to_go_on(tmp_path, 4, argv).endswith("--model 'out/my model' --overwrite")
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert run_folder.resume_command(argv).startswith("CUDA_VISIBLE_DEVICES=0,1 python train_gsm8k.py")
+    assert stops.command(argv, None).startswith("CUDA_VISIBLE_DEVICES=0,1 python train_gsm8k.py")
+
+
+# Stops at safe points -------------------------------------------------------------------------------
+
+
+def test_a_stop_inside_a_forward_of_the_loss_leaves_the_model_and_its_checkpoint_whole(tmp_path, monkeypatch):
+    """SIGTERM lands inside a decoder layer while the loss's forward runs with the output head swapped
+    out (the chunked logits): nothing is raised there; the loss stops before its next forward, the
+    step is dropped, and the checkpoint (the previous step's) holds the model's own untied head."""
+    from offline.tiny import byte_tokenizer
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tokenizer, folder = byte_tokenizer(), tmp_path / "untied"
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                                 initializer_range=0.02)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
+    monkeypatch.setattr(treerpo.token_logprobs, "__defaults__", (1.0, None, None, None, 4))  # chunked: head swapped
+    flags = ["--model", str(folder), "--steps", "6"]
+    assert run(tmp_path / "straight", *flags) == 0
+    losses, signalled, models = [], [], []
+    original_loss, original_load = train_gsm8k.backward_loss, train_gsm8k.load_model_and_tokenizer
+
+    def backward_loss(*args, **kwargs):
+        losses.append(None)
+        return original_loss(*args, **kwargs)
+
+    def signal_once_in_step_4s_loss(module, args):  # a pre-hook of the first decoder layer
+        head_swapped = isinstance(models[0].get_output_embeddings(), torch.nn.Identity)
+        if len(losses) == 4 and torch.is_grad_enabled() and head_swapped and not signalled:
+            signalled.append(None)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def load(*args, **kwargs):
+        model, tokenizer = original_load(*args, **kwargs)
+        model.model.layers[0].register_forward_pre_hook(signal_once_in_step_4s_loss)
+        models.append(model)
+        return model, tokenizer
+    monkeypatch.setattr(train_gsm8k, "backward_loss", backward_loss)
+    monkeypatch.setattr(train_gsm8k, "load_model_and_tokenizer", load)
+    out = tmp_path / "run"
+    assert run(out, *flags) == 130 and signalled
+    assert isinstance(models[0].get_output_embeddings(), torch.nn.Linear)  # the live model's head is back
+    from safetensors.torch import load_file
+    saved = checkpoints.newest_checkpoint(out)
+    assert saved.name == "checkpoint-000003" and "lm_head.weight" in load_file(saved / "model.safetensors")
+    monkeypatch.setattr(train_gsm8k, "backward_loss", original_loss)
+    monkeypatch.setattr(train_gsm8k, "load_model_and_tokenizer", original_load)
+    assert run(out, *flags, "--resume") == 0
+    assert records(out) == records(tmp_path / "straight")
+
+
+def test_ctrl_c_with_stdout_on_a_pipe_whose_reader_has_gone_saves_and_resumes(tmp_path, straight):
+    """`python train_gsm8k.py ... | tee log` and Ctrl-C: tee ends too, and the run's stdout is a dead
+    pipe. Nothing it prints can fail it: it saves the work done, exits 130, and resumes exactly."""
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "run"
+    slowed = ("import sys, time, train_gsm8k; step = train_gsm8k.train_step; "
+              "train_gsm8k.train_step = lambda *a, **k: (time.sleep(0.4), step(*a, **k))[1]; "
+              "train_gsm8k.main(sys.argv[1:])")
+    process = subprocess.Popen([sys.executable, "-c", slowed, *SMOKE, "--out", str(out), "--steps", "6"],
+                               cwd=Path(train_gsm8k.__file__).parent, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not (out / "metrics.jsonl").exists() or
+                                           len((out / "metrics.jsonl").read_text().splitlines()) < 3):
+        time.sleep(0.02)
+    process.stdout.close()  # the reader has gone: every later write to stdout fails
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    assert checkpoints.newest_checkpoint(out) is not None
+    assert run(out, "--steps", "6", "--resume") == 0
+    assert records(out) == straight
+
+
+def test_the_idle_warning_fires_at_the_same_step_after_a_resume(tmp_path, monkeypatch, capsys):
+    """The health history is restored on resume: a run stopped after step 2 and resumed warns after
+    step 3, as an unstopped one does; one resumed after its warning does not warn again."""
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: 0.0)
+    for first_steps, expected in ((2, ["warning: steps 1-3 trained nothing"]), (4, [])):
+        out = tmp_path / f"after{first_steps}"
+        assert run(out, "--steps", str(first_steps), "--save-every", "1") == 0
+        capsys.readouterr()
+        assert run(out, "--steps", "6", "--resume") == 0
+        warnings = [line[:34] for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert warnings == expected
