@@ -1388,6 +1388,18 @@ def test_every_picture_without_matplotlib_says_how_to_install_before_any_work(tm
             main(argv)
 
 
+def test_the_anatomy_prints_its_table_without_matplotlib_or_out(tmp_path, monkeypatch, capsys):
+    import sys
+    from probes import anatomy
+    tokenizer = byte_tokenizer()
+    tiny_model(len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    anatomy.main(["--model", str(tmp_path / "tiny"), "--widths", "2", "--questions", "2", "--segment-tokens", "4"])
+    assert capsys.readouterr().out.splitlines()[-3].startswith("| N | trees | leaves/question")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny"]  # nothing written
+
+
 def test_help_lists_every_knob_with_its_default(capsys, tmp_path):
     import dataclasses
     import train_gsm8k

@@ -118,10 +118,12 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=4, help="questions a sampling call")
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=False, help="a folder for anatomy.json and anatomy.png")
+    parser.add_argument("--out", help="a folder for anatomy.json and anatomy.png (needs matplotlib); without it, "
+                                      "the table alone")
     parser.add_argument("--show", metavar="FOLDER", help="print the table of an earlier run and draw its picture")
     args = parser.parse_args(argv)
-    pyplot("the anatomy's picture")  # before minutes of sampling
+    if args.out or args.show:
+        pyplot("the anatomy's picture")  # before minutes of sampling: the picture is asked for
     if args.show:
         results = json.loads((Path(args.show) / "anatomy.json").read_text())["widths"]
         print(table(results))
@@ -137,13 +139,14 @@ def main(argv=None):
                               segment_tokens=args.segment_tokens, temperature=args.temperature,
                               batch=args.batch, seed=args.seed)
         results[str(width)] = {"trees": len(roots), **anatomy(roots)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {key: value for key, value in vars(args).items() if key not in ("show", "out")}
-    settings["system_prompt"] = SYSTEM_PROMPTS["lines"]
-    (out / "anatomy.json").write_text(json.dumps({"settings": settings, "widths": results}, indent=1))
     print(table(results))
-    print(f"wrote {picture(results, out / 'anatomy.png')}")
+    if args.out:  # the figures and the picture, kept
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = {key: value for key, value in vars(args).items() if key not in ("show", "out")}
+        settings["system_prompt"] = SYSTEM_PROMPTS["lines"]
+        (out / "anatomy.json").write_text(json.dumps({"settings": settings, "widths": results}, indent=1))
+        print(f"wrote {picture(results, out / 'anatomy.png')}")
 
 
 if __name__ == "__main__":
