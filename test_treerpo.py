@@ -136,6 +136,29 @@ def test_full_tree_shape(tokenizer):
             assert len(node.children) == (3 if node.depth < 3 else 0)
 
 
+def test_branch_and_segment_tokens_may_take_one_value_per_level(tokenizer):
+    """branch=[3, 2], segment_tokens=[2, 5]: three openings of 2 tokens, two continuations of 5 each;
+    a list of equal values is the int (the same tree from the same seed); a list of the wrong
+    length, or with a count that is not one, is refused in one line."""
+    model = tiny_model(len(tokenizer))
+    root = sample_trees(model, tokenizer, PROMPTS[:1], branch=[3, 2], depth=2, segment_tokens=[2, 5])[0]
+    assert len(root.children) == 3 and all(len(child.tokens) == 2 or child.finished for child in root.children)
+    for node in root.children:  # a segment ended by EOS is a leaf and shorter
+        assert len(node.children) == (0 if node.finished else 2)
+        assert all(len(leaf.tokens) == 5 or leaf.finished for leaf in node.children)
+    assert sum(len(node.children) for node in root.children) >= 2
+    trees = []
+    for branch, segment_tokens in ((2, 4), ([2, 2], [4, 4])):
+        torch.manual_seed(0)
+        trees.append([response_tokens(leaf) for root in sample_trees(model, tokenizer, PROMPTS, branch=branch, depth=2,
+                                                                       segment_tokens=segment_tokens) for leaf in leaves(root)])
+    assert trees[0] == trees[1]
+    with pytest.raises(ValueError, match="branch has 3 values for depth 2: give one a level, or one number"):
+        sample_trees(model, tokenizer, PROMPTS, branch=[2, 2, 2], depth=2, segment_tokens=4)
+    with pytest.raises(ValueError, match="segment_tokens must be an integer >= 1, got 0"):
+        sample_trees(model, tokenizer, PROMPTS, branch=2, depth=2, segment_tokens=[4, 0])
+
+
 def test_eos_node_is_a_leaf(tokenizer):
     model = eos_biased(tiny_model(len(tokenizer)), tokenizer)
     torch.manual_seed(1)

@@ -82,7 +82,8 @@ def response_tokens(node: TreeNode) -> list[int]:
 # 1. Sampling: one batched `generate` call per level, branching by copying the KV cache
 
 
-def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: int, segment_tokens: int,
+def sample_trees(model, tokenizer, prompts: list[str], *, branch: int | list[int], depth: int,
+                 segment_tokens: int | list[int],
                  temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
                  return_logprobs: bool = False, max_rows: int = 4096, should_stop=None) -> list[TreeNode]:
     """Sample one tree per prompt; returns the roots.
@@ -90,6 +91,8 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
     prompts: already-templated text, tokenized without special tokens (a chat template writes its
         own BOS). Every node below the root has `branch` children until `depth`, or until its segment
         ends in EOS. Segments are at most `segment_tokens` long; only EOS ends one early.
+    branch, segment_tokens: one number for every level, or a list of one a level (depth of them):
+        branch=[8, 2] samples eight openings and two continuations of each.
     return_logprobs: record, per segment token, log p under softmax(logits / temperature), the
         distribution sampled from when top_p = 1. `backward_loss` uses the same definition.
     max_rows: refuse, before anything is allocated, a last level that could need more rows (prompts
@@ -97,20 +100,22 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int, depth: in
     should_stop: a function of nothing, checked at every generated token: when it returns True,
         sampling ends there and StopRequested is raised (a training loop's Ctrl-C).
     """
-    check_sampling_args(prompts, temperature, top_p, do_sample, branch=branch, depth=depth, segment_tokens=segment_tokens)
+    check_sampling_args(prompts, temperature, top_p, do_sample, depth=depth)
+    branches, segments = per_level("branch", branch, depth), per_level("segment_tokens", segment_tokens, depth)
     check_branchable(model)
-    check_rows(len(prompts) * branch ** depth, max_rows, f"{len(prompts)} prompts x branch {branch} ** depth {depth}")
+    check_rows(len(prompts) * math.prod(branches), max_rows, f"{len(prompts)} prompts x branch {branch} ** depth {depth}"
+               if isinstance(branch, int) else f"{len(prompts)} prompts x branches {branches}")
     pad_id, eos_ids = special_ids(model, tokenizer)
     prompt_ids = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
-    check_lengths(model, prompt_ids, depth * segment_tokens)
+    check_lengths(model, prompt_ids, sum(segments))
 
     roots = [TreeNode(tokens=ids) for ids in prompt_ids]
     input_ids, attention_mask = pad_rows(prompt_ids, pad_id, side="left", device=model.device)  # (B, P)
-    generation = generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample, should_stop)
+    generation = generate_settings(model, pad_id, eos_ids, segments[0], temperature, top_p, do_sample, should_stop)
     was_training = model.training
     model.eval()  # sampling is inference: no dropout, and gradient checkpointing would turn the cache off
     try:
-        grow_trees(model, roots, input_ids, attention_mask, branch=branch, depth=depth, eos_ids=eos_ids,
+        grow_trees(model, roots, input_ids, attention_mask, branches=branches, segments=segments, eos_ids=eos_ids,
                    logprob_temperature=temperature if return_logprobs else None, should_stop=should_stop,
                    **generation)
     finally:
@@ -139,14 +144,15 @@ def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p
 
 
 @torch.no_grad()
-def grow_trees(model, roots, input_ids, attention_mask, *, branch, depth, eos_ids, logprob_temperature,
+def grow_trees(model, roots, input_ids, attention_mask, *, branches, segments, eos_ids, logprob_temperature,
                should_stop=None, **generation):
-    """Add `depth` levels of children under `roots`, level by level, in place. input_ids,
-    attention_mask: (B, P), the left-padded prompts. generation: `generate`'s keyword arguments.
-    logprob_temperature: record log-probs at this temperature, or None. should_stop: see sample_trees."""
+    """Add a level of children under `roots` for each of `branches` (children a node) and `segments`
+    (tokens a segment), in place. input_ids, attention_mask: (B, P), the left-padded prompts.
+    generation: `generate`'s keyword arguments. logprob_temperature: record log-probs at this
+    temperature, or None. should_stop: see sample_trees."""
     frontier = roots  # the nodes whose children the next level samples, one row each
     cache = encode_prompts(model, input_ids, attention_mask)
-    for level in range(1, depth + 1):
+    for level, (branch, segment_tokens) in enumerate(zip(branches, segments), start=1):
         # Branch: each frontier row becomes `branch` rows with copies of its cache.
         cache.batch_repeat_interleave(branch)  # copies the storage: siblings never alias
         input_ids = input_ids.repeat_interleave(branch, dim=0)  # (rows * N, T)
@@ -156,15 +162,15 @@ def grow_trees(model, roots, input_ids, attention_mask, *, branch, depth, eos_id
         recorder = SampledLogprobs(logprob_temperature) if logprob_temperature else None
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model, cache),
                              logits_processor=LogitsProcessorList([recorder] if recorder else []),
-                             return_dict_in_generate=True, **generation)
+                             return_dict_in_generate=True, **(generation | {"max_new_tokens": segment_tokens}))
         stop_point(should_stop)  # before the rows it cut short become nodes
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W), W < L only if every row hit EOS
         logprobs = recorder.result(out.sequences) if recorder else None  # (rows, W)
-        children = add_children(parents, new_tokens, logprobs, eos_ids, generation["max_new_tokens"])
+        children = add_children(parents, new_tokens, logprobs, eos_ids, segment_tokens)
 
         # Only unfinished rows go on: a finished row's tail is pads that must not be continued.
         keep = [row for row, child in enumerate(children) if not child.finished]
-        if level == depth or not keep:
+        if level == len(branches) or not keep:
             return
         keep_rows = torch.tensor(keep, device=input_ids.device)
         cache.batch_select_indices(keep_rows)
@@ -645,6 +651,16 @@ def check_sampling_args(prompts, temperature, top_p, do_sample, **counts):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if do_sample and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def per_level(name: str, value, depth: int) -> list[int]:
+    """`value` for each of `depth` levels: one number for every level, or a list of `depth` numbers."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * depth
+    if len(values) != depth:
+        raise ValueError(f"{name} has {len(values)} values for depth {depth}: give one a level, or one number")
+    for number in values:
+        check_count(name, number)
+    return values
 
 
 def check_count(name, number):

@@ -83,3 +83,23 @@ def test_tied_groups_by_level(tmp_path):
     (tmp_path / "trees.jsonl").write_text(json.dumps(records[0]) + "\n")
     assert credit.tied_groups(tmp_path) == (1 / 2, 1 / 2)
     assert credit.tied_groups(tmp_path / "no-trees") is None
+
+
+def test_the_grid_reports_each_cell_on_the_same_questions(tmp_path, capsys):
+    """probes/grid.py on a tiny model: one row a cell (a temperature and a per-level layout), the
+    figures kept in cells.json and printed again by --show."""
+    from offline.tiny import byte_tokenizer, tiny_model
+    from probes import grid
+    tokenizer = byte_tokenizer()
+    tiny_model(len(tokenizer)).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    grid.main(["--model", str(tmp_path / "tiny"), "--data", "smoke", "--questions", "3", "--batch", "2",
+               "--cells", "0.7:2x4,2x4", "1.0:3x2,2x6", "--out", str(tmp_path / "grid")])
+    printed = capsys.readouterr().out
+    cells = json.loads((tmp_path / "grid" / "cells.json").read_text())["cells"]
+    assert list(cells) == ["0.7:2x4,2x4", "1.0:3x2,2x6"] and all(cell["questions"] == 3 for cell in cells.values())
+    assert cells["1.0:3x2,2x6"]["groups_by_level"][0] == 3 and len(cells["0.7:2x4,2x4"]["tied_by_level"]) == 2
+    assert grid.layout("4x96,4x288") == ([4, 4], [96, 288])
+    grid.main(["--show", str(tmp_path / "grid")])
+    shown = capsys.readouterr().out
+    assert shown.strip().startswith("| cell (T: layout) |") and printed.rstrip().endswith(shown.strip())

@@ -1,0 +1,141 @@
+"""Where the tree's signal is, before any training: the anatomy of sampled trees over a grid of
+temperatures and tree layouts, the same questions in every cell.
+
+    python -m probes.grid --model out/qwen05 --data GSM8K_FOLDER --dtype bf16 --questions 16 \
+        --cells 0.6:4x192,4x192 0.8:4x192,4x192 1.0:4x192,4x192 --out docs/runs/grid05
+
+A cell is TEMPERATURE:LAYOUT, the layout one NxL a level (children a node x tokens a segment):
+`4x192,4x192` is the demo's default tree, `4x96,4x288` branches earlier, `8x192,2x192` is wider at
+the first level. Each cell samples one tree per question (the first --questions of the train split
+in the demo's seed-0 order, the demo's prompt or --system-prompt, the strict reward), with the same
+sampling seed, and reports:
+    tied groups by level   sibling groups whose values span less than tau 0.1 (no loss)
+    openings credited      first-level nodes with an advantage
+    trained / sampled      tokens of nodes with an advantage over tokens generated
+    reward                 the mean leaf reward
+    cut                    leaves that reached the answer budget without EOS
+    answer tokens          the mean answer length over leaves
+and, per norm (std, bernoulli, none), the mean |A| of the first level's kept nodes. The table is
+printed; --out keeps each cell's figures (cells.json) and prints the same table from them with --show.
+"""
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+import torch
+
+from reward import SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, load_problems
+from treerpo import NORMS, assign_advantages, leaves, nodes, response_tokens, sample_trees
+
+
+def layout(text: str) -> tuple[list[int], list[int]]:
+    """'4x96,4x288' -> ([4, 4], [96, 288]): children a node and tokens a segment, one pair a level."""
+    levels = [level.split("x") for level in text.split(",")]
+    return [int(branch) for branch, _ in levels], [int(tokens) for _, tokens in levels]
+
+
+def sample_cell(model, tokenizer, problems, temperature: float, branches, segments, *, system_prompt, batch,
+                dtype: str, seed: int, strict: bool = True) -> list:
+    """One scored tree per problem, `batch` problems a sampling call; returns the roots."""
+    torch.manual_seed(seed)
+    roots = []
+    for start in range(0, len(problems), batch):
+        chunk = problems[start:start + batch]
+        prompts = [chat_prompt(tokenizer, problem["question"], system_prompt) for problem in chunk]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            trees = sample_trees(model, tokenizer, prompts, branch=branches, depth=len(branches),
+                                 segment_tokens=segments, temperature=temperature)
+        for root, problem in zip(trees, chunk):
+            for leaf in leaves(root):
+                text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
+                leaf.reward = gsm8k_reward(text, problem["answer"], strict=strict)
+        roots += trees
+        print(f"  {len(roots)}/{len(problems)} trees", flush=True)
+    return roots
+
+
+def figures(roots, tau: float = 0.1) -> dict:
+    """The cell's anatomy (see the module's docstring)."""
+    result = {"mean_abs_A_first_level": {}}
+    for norm in NORMS:  # the std norm last: the figures below are its
+        for root in roots:
+            assign_advantages(root, norm=norm, tau=tau)
+        kept = [abs(child.advantage) for root in roots for child in root.children if child.advantage is not None]
+        result["mean_abs_A_first_level"][norm] = round(statistics.fmean(kept), 3) if kept else None
+    for root in roots:
+        assign_advantages(root, norm="std", tau=tau)
+    generated = [node for root in roots for node in nodes(root)[1:]]
+    all_leaves = [leaf for root in roots for leaf in leaves(root)]
+    depth = max(node.depth for node in generated)
+    groups = {level: [parent.children for root in roots for parent in nodes(root)
+                      if parent.children and parent.depth == level - 1] for level in range(1, depth + 1)}
+    openings = [child for root in roots for child in root.children]
+    return result | {
+        "questions": len(roots), "leaves": len(all_leaves),
+        "tied_by_level": [round(sum(group[0].advantage is None for group in groups[level]) / max(len(groups[level]), 1), 3)
+                          for level in groups],
+        "groups_by_level": [len(groups[level]) for level in groups],
+        "openings_credited": round(sum(node.advantage is not None for node in openings) / len(openings), 3),
+        "tokens_sampled": sum(len(node.tokens) for node in generated),
+        "tokens_trained": sum(len(node.tokens) for node in generated if node.advantage is not None),
+        "reward": round(sum(leaf.reward for leaf in all_leaves) / len(all_leaves), 4),
+        "cut": round(sum(not leaf.finished for leaf in all_leaves) / len(all_leaves), 4),
+        "answer_tokens": round(sum(len(response_tokens(leaf)) for leaf in all_leaves) / len(all_leaves), 1)}
+
+
+def table(cells: dict) -> str:
+    lines = ["| cell (T: layout) | leaves | tied groups by level | openings credited | tokens trained / sampled | "
+             "mean leaf reward | cut at the budget | answer tokens | mean abs(A), first level: std / bernoulli / none |",
+             "| --- " * 9 + "|"]
+    for name, cell in cells.items():
+        tied = " / ".join(f"{share:.0%}" for share in cell["tied_by_level"])
+        norms = " / ".join("-" if value is None else f"{value:.2f}" for value in cell["mean_abs_A_first_level"].values())
+        lines.append(f"| {name} | {cell['leaves']} | {tied} | {cell['openings_credited']:.0%} | "
+                     f"{cell['tokens_trained']:,} / {cell['tokens_sampled']:,} "
+                     f"({cell['tokens_trained'] / cell['tokens_sampled']:.0%}) | {cell['reward']:.1%} | {cell['cut']:.1%} | "
+                     f"{cell['answer_tokens']:.0f} | {norms} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a model folder (offline/qwen05.py, offline/smollm2.py)")
+    parser.add_argument("--data", default="smoke", help="the demo's --data: a GSM8K folder, steps, easy, smoke")
+    parser.add_argument("--cells", nargs="+", default=["0.6:4x192,4x192"], help="TEMPERATURE:NxL,NxL,... each")
+    parser.add_argument("--questions", type=int, default=16)
+    parser.add_argument("--system-prompt", default="demo", help=f"a preset ({', '.join(SYSTEM_PROMPTS)}) or text")
+    parser.add_argument("--batch", type=int, default=8, help="questions a sampling call (the demo's default: 8)")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="a folder to keep cells.json in")
+    parser.add_argument("--show", metavar="FOLDER", help="print the table of an earlier run's cells.json")
+    args = parser.parse_args(argv)
+    if args.show:
+        print(table(json.loads((Path(args.show) / "cells.json").read_text())["cells"]))
+        return
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    problems = load_problems(args.data, "train")
+    random.Random(0).shuffle(problems)  # the demo's training order at seed 0
+    problems = problems[:args.questions]
+    cells = {}
+    for cell in args.cells:
+        temperature, tree = cell.split(":")
+        branches, segments = layout(tree)
+        print(f"cell {cell}", flush=True)
+        roots = sample_cell(model, tokenizer, problems, float(temperature), branches, segments,
+                            system_prompt=args.system_prompt, batch=args.batch, dtype=args.dtype, seed=args.seed)
+        cells[cell] = figures(roots)
+        if args.out:  # kept after every cell: a run stopped later keeps what it measured
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            settings = {key: value for key, value in vars(args).items() if key not in ("out", "show")}
+            (Path(args.out) / "cells.json").write_text(json.dumps({"settings": settings, "cells": cells}, indent=1))
+    print(table(cells))
+
+
+if __name__ == "__main__":
+    main()
