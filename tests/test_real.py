@@ -225,6 +225,7 @@ def test_treerpo_learns_easy_problems_in_a_few_steps(model_dir):
     model's sampled reward on them (8 answers each, the same seed before and after)."""
     import dataclasses
     import train_gsm8k
+    from demo import records
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # a copy of its own: it trains
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -235,8 +236,8 @@ def test_treerpo_learns_easy_problems_in_a_few_steps(model_dir):
     def reward_now():
         torch.manual_seed(1)
         eight_answers = dataclasses.replace(cfg, method="grpo", width=8)  # 8 answers of up to 48 tokens
-        return train_gsm8k.tree_metrics(train_gsm8k.sample_and_score(model, tokenizer, problems, eight_answers, "cpu"),
-                                        "grpo")["reward"]
+        return records.tree_metrics(train_gsm8k.sample_and_score(model, tokenizer, problems, eight_answers, "cpu"),
+                                    "grpo")["reward"]
 
     before = reward_now()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
