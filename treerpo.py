@@ -442,15 +442,16 @@ def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, c
     targets = input_ids[:, columns]  # (rows, K)
     # logits_to_keep: project onto the vocabulary only where a token is scored. The prompt's
     # positions need none; with Qwen's 151k vocabulary this cut the bench's loss step 12x (CPU).
-    keep, head = {**logits_to_keep(model, predictors), **no_router_logits(model)}, plain_output_head(model)
-    if "logits_to_keep" in keep and len(columns) > chunk_size and head is not None:
+    keep, head = logits_to_keep(model, predictors), plain_output_head(model)
+    if keep and len(columns) > chunk_size and head is not None:
         with hidden_states_out(model, head):
-            hidden = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep).logits  # (rows,K,H)
+            hidden = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep,
+                           **no_router_logits(model)).logits  # (rows, K, H)
         return torch.cat([chunk_logprobs(head, hidden[:, start:start + chunk_size],
                                          targets[:, start:start + chunk_size], temperature)
                           for start in range(0, len(columns), chunk_size)], dim=1)
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep).logits
-    return target_logprobs(logits if "logits_to_keep" in keep else logits[:, predictors], targets, temperature)
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep, **no_router_logits(model)).logits
+    return target_logprobs(logits if keep else logits[:, predictors], targets, temperature)
 
 
 def target_logprobs(logits, targets, temperature: float):
