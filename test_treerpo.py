@@ -15,7 +15,7 @@ import reward
 from reward import gsm8k_reward
 from offline.tiny import byte_tokenizer, tiny_model
 from pictures.tree_text import format_tree
-from treerpo import (TreeNode, assign_advantages, backward_loss, group_advantages, leaf_path_rows, leaves, nodes,
+from treerpo import (TreeNode, assign_advantages, backward_loss, group_advantages, leaf_path_rows, leaves, nodes, scale_by_step,
                      response_tokens, sample_trees, token_logprobs)
 
 PROMPTS = ["hello there", "a much longer prompt, with more words in it", "x"]  # three lengths: left padding
@@ -229,6 +229,37 @@ def test_values_are_recursive_means():
     assert (a.value, b.value, c.value) == (0.5, 0.875, 0.0)
     assert b.children[1].value == 0.75
     assert root.value == pytest.approx((0.5 + 0.875 + 0.0) / 3)  # mean of children, not of the 7 leaves
+
+
+def two_level_tree(first_leaf_rewards: list[list[float]]) -> TreeNode:
+    """A prompt with one opening a list of leaf rewards: [[1, 0], [0, 0]] is two openings of two leaves."""
+    root = TreeNode(tokens=[0])
+    for rewards in first_leaf_rewards:
+        opening = TreeNode(tokens=[1], parent=root, depth=1)
+        opening.children = [TreeNode(tokens=[2], parent=opening, depth=2, finished=True, reward=r) for r in rewards]
+        root.children.append(opening)
+    return root
+
+
+def test_the_step_norm_keeps_the_size_of_a_gap_that_std_forgets():
+    # one right leaf of 16 under the first opening, against four of four: std credits both alike
+    lucky = two_level_tree([[1, 0, 0, 0], [0] * 4, [0] * 4, [0] * 4])
+    sure = two_level_tree([[1, 1, 1, 1], [0] * 4, [0] * 4, [0] * 4])
+    for root in (lucky, sure):
+        assign_advantages(root, norm="std", tau=0.1)
+    assert lucky.children[0].advantage == pytest.approx(1.5, rel=1e-4)
+    assert sure.children[0].advantage == pytest.approx(1.5, rel=1e-4)
+    for root in (lucky, sure):
+        assign_advantages(root, norm="none", tau=0.1)
+    scale_by_step([lucky, sure])
+    assert sure.children[0].advantage == pytest.approx(4 * lucky.children[0].advantage, rel=1e-5)
+    kept = [node.advantage for root in (lucky, sure) for node in nodes(root)[1:] if node.advantage is not None]
+    assert len(kept) == 12  # the lucky opening's own group (1, 0, 0, 0) is kept too: 4 + 4 + 4
+    assert math.sqrt(sum(a * a for a in kept) / len(kept)) == pytest.approx(1.0, rel=1e-5)  # the step's scale is 1
+    # the values by hand: centred 0.1875/-0.0625 (lucky, first level), 0.75/-0.25 (its leaves and sure's first level)
+    rms = math.sqrt((0.1875 ** 2 + 3 * 0.0625 ** 2 + 2 * (0.75 ** 2 + 3 * 0.25 ** 2)) / 12)
+    assert lucky.children[0].advantage == pytest.approx(0.1875 / rms, rel=1e-5)
+    scale_by_step([two_level_tree([[0, 0], [0, 0]])])  # nothing kept: nothing to scale, no division by zero
 
 
 @pytest.mark.parametrize("norm", ["std", "bernoulli", "none"])

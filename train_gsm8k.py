@@ -35,7 +35,7 @@ from demo.flags import knob
 from demo.models import load_model_and_tokenizer, reference_model, trainable
 from reward import chat_prompt, gsm8k_reward, load_problems
 from treerpo import (NORMS, assign_advantages, backward_loss, counted_tokens, leaves, response_tokens, reward_of,
-                     sample_trees)
+                     sample_trees, scale_by_step)
 
 METHODS = ("treerpo", "grpo", "treepo")
 LOSS_ROWS = {"auto": None, "packed": True, "leaf-paths": False}  # --loss-rows -> backward_loss(packed=...)
@@ -60,7 +60,8 @@ class Config:
     # reward, advantages and loss
     reward: str = knob("strict", "strict: only a \\boxed{} or #### answer counts; lenient: the last number counts too",
                        choices=("strict", "lenient"))
-    norm: str = knob("std", "advantage normalisation", choices=NORMS)
+    norm: str = knob("std", "advantage normalisation: a group's std, bernoulli, none, or step (the group's mean, "
+                            "divided by one scale over the step's kept advantages)", choices=(*NORMS, "step"))
     tau: float = knob(0.1, "drop sibling groups whose values span less than this", at_least=0)
     clip_eps: float = knob(0.2, "PPO clip range", above=0)
     kl_coef: float = knob(0.001, "k3 KL to the starting model; 0 loads no reference copy", at_least=0)
@@ -303,7 +304,9 @@ def credit(roots, cfg: Config):
         if cfg.method == "treepo":
             treepo.assign_treepo_advantages(roots)
         for root in roots if cfg.method != "treepo" else []:
-            assign_advantages(root, norm=cfg.norm, tau=cfg.tau)
+            assign_advantages(root, norm="none" if cfg.norm == "step" else cfg.norm, tau=cfg.tau)
+        if cfg.method != "treepo" and cfg.norm == "step":  # over the whole batch, every process's trees
+            scale_by_step(roots)
     except ValueError as error:  # e.g. rewards so large that their mean overflows: say it in one line
         raise SystemExit(f"the advantages cannot be computed: {error}")
     return roots

@@ -323,6 +323,24 @@ def group_advantages(values: list[float], norm: str = "std", eps: float = 1e-6) 
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
+def scale_by_step(roots: list[TreeNode], eps: float = 1e-6) -> None:
+    """The "step" norm: run assign_advantages(root, norm="none") on every tree of a step, then this,
+    which divides every kept advantage V - mean(siblings) by their root mean square over the step.
+
+    Under std a group's advantages ignore the size of its gap: first-level values (0.25, 0, 0, 0),
+    one right leaf in 16, give their opening the same +1.5 as (1, 0, 0, 0), four right of four.
+    Without a norm the gap counts, but the advantages' scale, and so the step the learning rate
+    takes, shrinks with the gaps. One divisor for the whole step keeps the gaps in proportion and
+    the scale at 1, as under std: GRPO's group mean with a batch's std, the pairing LitePPO uses
+    (arXiv 2508.08221). Tested against std in docs/signal.md.
+    """
+    kept = [node for root in roots for node in nodes(root)[1:] if node.advantage is not None]
+    if kept:
+        scale = math.sqrt(sum(node.advantage ** 2 for node in kept) / len(kept))
+        for node in kept:
+            node.advantage /= scale + eps
+
+
 def mean_and_std(values: list[float]) -> tuple[float, float]:
     """Mean and standard deviation with Bessel's correction (as torch.std); std 0 for one value."""
     mean = sum(values) / len(values)

@@ -15,8 +15,10 @@ sampling seed, and reports:
     reward                 the mean leaf reward
     cut                    leaves that reached the answer budget without EOS
     answer tokens          the mean answer length over leaves
-and, per norm (std, bernoulli, none), the mean |A| of the first level's kept nodes. The table is
-printed; --out keeps each cell's figures (cells.json) and prints the same table from them with --show.
+and, per norm (std, bernoulli, none, and step: each demo step's --batch trees scaled together), the
+mean |A| of the first level's kept nodes, and the best opening's A by its group's value gap (a
+second table). The tables are printed; --out keeps each cell's figures in cells.json (a later run
+of the same settings adds its cells there) and --show prints the tables from them.
 """
 
 import argparse
@@ -28,7 +30,7 @@ from pathlib import Path
 import torch
 
 from reward import SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, load_problems
-from treerpo import NORMS, assign_advantages, leaves, nodes, response_tokens, sample_trees
+from treerpo import NORMS, assign_advantages, leaves, nodes, response_tokens, sample_trees, scale_by_step
 
 
 def layout(text: str) -> tuple[list[int], list[int]]:
@@ -57,16 +59,25 @@ def sample_cell(model, tokenizer, problems, temperature: float, branches, segmen
     return roots
 
 
-def figures(roots, tau: float = 0.1) -> dict:
+GAPS = (0.25, 0.5, 0.75, 1.0)  # the bins of a group's value gap (max - min): (tau, 0.25], (0.25, 0.5], ...
+
+
+def credit(roots, norm: str, batch: int, tau: float) -> None:
+    """Advantages under `norm`; "step" scales each `batch` of trees (a demo step's questions) together."""
+    for root in roots:
+        assign_advantages(root, norm="none" if norm == "step" else norm, tau=tau)
+    for start in range(0, len(roots), batch) if norm == "step" else []:
+        scale_by_step(roots[start:start + batch])
+
+
+def figures(roots, batch: int, tau: float = 0.1) -> dict:
     """The cell's anatomy (see the module's docstring)."""
-    result = {"mean_abs_A_first_level": {}}
-    for norm in NORMS:  # the std norm last: the figures below are its
-        for root in roots:
-            assign_advantages(root, norm=norm, tau=tau)
+    result = {"mean_abs_A_first_level": {}, "best_A_by_gap": {}}
+    for norm in (*NORMS, "step", "std"):  # the std norm last: the figures below are its
+        credit(roots, norm, batch, tau)
         kept = [abs(child.advantage) for root in roots for child in root.children if child.advantage is not None]
         result["mean_abs_A_first_level"][norm] = round(statistics.fmean(kept), 3) if kept else None
-    for root in roots:
-        assign_advantages(root, norm="std", tau=tau)
+        result["best_A_by_gap"][norm] = best_by_gap(roots)
     generated = [node for root in roots for node in nodes(root)[1:]]
     all_leaves = [leaf for root in roots for leaf in leaves(root)]
     depth = max(node.depth for node in generated)
@@ -86,18 +97,53 @@ def figures(roots, tau: float = 0.1) -> dict:
         "answer_tokens": round(sum(len(response_tokens(leaf)) for leaf in all_leaves) / len(all_leaves), 1)}
 
 
+def best_by_gap(roots) -> dict:
+    """For the kept first-level groups, binned by their value gap: [mean A of the best opening, groups]."""
+    bins = {gap: [] for gap in GAPS}
+    for root in roots:
+        if root.children and root.children[0].advantage is not None:
+            values = [child.value for child in root.children]
+            gap = next(edge for edge in GAPS if max(values) - min(values) <= edge + 1e-9)
+            bins[gap].append(max(child.advantage for child in root.children))
+    return {str(gap): [round(statistics.fmean(best), 2) if best else None, len(best)] for gap, best in bins.items()}
+
+
 def table(cells: dict) -> str:
+    norms = (*NORMS, "step")
     lines = ["| cell (T: layout) | leaves | tied groups by level | openings credited | tokens trained / sampled | "
-             "mean leaf reward | cut at the budget | answer tokens | mean abs(A), first level: std / bernoulli / none |",
+             f"mean leaf reward | cut at the budget | answer tokens | mean abs(A), first level: {' / '.join(norms)} |",
              "| --- " * 9 + "|"]
     for name, cell in cells.items():
         tied = " / ".join(f"{share:.0%}" for share in cell["tied_by_level"])
-        norms = " / ".join("-" if value is None else f"{value:.2f}" for value in cell["mean_abs_A_first_level"].values())
+        sizes = " / ".join("-" if cell["mean_abs_A_first_level"].get(norm) is None
+                           else f"{cell['mean_abs_A_first_level'][norm]:.2f}" for norm in norms)
         lines.append(f"| {name} | {cell['leaves']} | {tied} | {cell['openings_credited']:.0%} | "
                      f"{cell['tokens_trained']:,} / {cell['tokens_sampled']:,} "
                      f"({cell['tokens_trained'] / cell['tokens_sampled']:.0%}) | {cell['reward']:.1%} | {cell['cut']:.1%} | "
-                     f"{cell['answer_tokens']:.0f} | {norms} |")
+                     f"{cell['answer_tokens']:.0f} | {sizes} |")
     return "\n".join(lines)
+
+
+def gap_table(cells: dict) -> str:
+    """The best opening's A by its group's value gap, per norm, for the cells that recorded it."""
+    edges = ["0.1-0.25", "0.25-0.5", "0.5-0.75", "0.75-1"]
+    lines = ["| cell | norm | " + " | ".join(f"gap {edge}" for edge in edges) + " |", "| --- " * 6 + "|"]
+    for name, cell in cells.items():
+        for norm, by_gap in cell.get("best_A_by_gap", {}).items():
+            lines.append(f"| {name} | {norm} | " + " | ".join("-" if mean is None else f"{mean:+.2f} ({count})"
+                                                           for mean, count in by_gap.values()) + " |")
+    return "\n".join(lines)
+
+
+def kept_cells(out, settings: dict) -> dict:
+    """The cells an earlier run kept in `out`, when its settings (all but the cells) are these."""
+    path = Path(out) / "cells.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if {k: v for k, v in earlier["settings"].items() if k != "cells"} != {k: v for k, v in settings.items() if k != "cells"}:
+        raise SystemExit(f"{path} holds cells of other settings ({earlier['settings']}): give another --out")
+    return earlier["cells"]
 
 
 def main(argv=None):
@@ -114,27 +160,28 @@ def main(argv=None):
     parser.add_argument("--show", metavar="FOLDER", help="print the table of an earlier run's cells.json")
     args = parser.parse_args(argv)
     if args.show:
-        print(table(json.loads((Path(args.show) / "cells.json").read_text())["cells"]))
+        cells = json.loads((Path(args.show) / "cells.json").read_text())["cells"]
+        print(table(cells) + "\n\n" + gap_table(cells))
         return
+    settings = {key: value for key, value in vars(args).items() if key not in ("out", "show")}
+    cells = kept_cells(args.out, settings) if args.out else {}
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     problems = load_problems(args.data, "train")
     random.Random(0).shuffle(problems)  # the demo's training order at seed 0
     problems = problems[:args.questions]
-    cells = {}
     for cell in args.cells:
         temperature, tree = cell.split(":")
         branches, segments = layout(tree)
         print(f"cell {cell}", flush=True)
         roots = sample_cell(model, tokenizer, problems, float(temperature), branches, segments,
                             system_prompt=args.system_prompt, batch=args.batch, dtype=args.dtype, seed=args.seed)
-        cells[cell] = figures(roots)
+        cells[cell] = figures(roots, args.batch)
         if args.out:  # kept after every cell: a run stopped later keeps what it measured
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            settings = {key: value for key, value in vars(args).items() if key not in ("out", "show")}
-            (Path(args.out) / "cells.json").write_text(json.dumps({"settings": settings, "cells": cells}, indent=1))
-    print(table(cells))
+            (Path(args.out) / "cells.json").write_text(json.dumps({"settings": settings | {"cells": list(cells)}, "cells": cells}, indent=1))
+    print(table(cells) + "\n\n" + gap_table(cells))
 
 
 if __name__ == "__main__":

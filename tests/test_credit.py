@@ -103,3 +103,11 @@ def test_the_grid_reports_each_cell_on_the_same_questions(tmp_path, capsys):
     grid.main(["--show", str(tmp_path / "grid")])
     shown = capsys.readouterr().out
     assert shown.strip().startswith("| cell (T: layout) |") and printed.rstrip().endswith(shown.strip())
+    assert "| cell | norm | gap 0.1-0.25 |" in shown
+    # a later run of the same settings adds its cells; one of other settings is refused before sampling
+    same = ["--model", str(tmp_path / "tiny"), "--data", "smoke", "--questions", "3", "--batch", "2"]
+    grid.main(same + ["--cells", "1.2:2x4,2x4", "--out", str(tmp_path / "grid")])
+    assert list(json.loads((tmp_path / "grid" / "cells.json").read_text())["cells"]) == [
+        "0.7:2x4,2x4", "1.0:3x2,2x6", "1.2:2x4,2x4"]
+    with pytest.raises(SystemExit, match="holds cells of other settings"):
+        grid.main(same + ["--seed", "1", "--cells", "0.7:2x4,2x4", "--out", str(tmp_path / "grid")])
