@@ -1233,6 +1233,10 @@ def test_bad_flags_are_refused_before_anything_loads(tmp_path, capsys, monkeypat
     (["--lr", "-1e-5"], "--lr must be > 0, got -1e-05"),  # argparse alone: "expected one argument"
     (["--tau", "-1E-3"], "--tau must be >= 0, got -0.001"),
     (["--kl-coef", "-inf"], "--kl-coef must be >= 0, got -inf"),
+    (["--layout", "4,4"], "--layout 4,4: not one NxL a level, such as 6x128,2x256"),
+    (["--layout", "1x8,1x8"], "--layout 1x8,1x8: no level has 2 or more children"),
+    (["--layout", "0x8,2x8"], "--layout 0x8,2x8: every count must be 1 or more"),
+    (["--method", "grpo", "--layout", "4x8,2x8"], "--layout is a TreeRPO tree's; --method grpo takes --width"),
 ])
 def test_a_new_users_mistakes_are_one_line_each(tmp_path, capsys, monkeypatch, flags, message):
     """Each of these once got a traceback, a wrong guess or nothing at all (a --branch 1 run trained
@@ -1243,6 +1247,27 @@ def test_a_new_users_mistakes_are_one_line_each(tmp_path, capsys, monkeypatch, f
     (tmp_path / "one.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
     assert message in refused(["--smoke", "--out", str(tmp_path / "run"), *flags], capsys, monkeypatch)
     assert not (tmp_path / "run").exists()  # no folder, no run.lock left behind
+
+
+def test_a_layout_samples_its_tree_and_the_step_norm_runs(tmp_path):
+    """--layout 3x4,2x6: three openings of at most 4 tokens, then two continuations of at most 6
+    under each opening that did not end; --norm step takes the demo's credit path through scale_by_step."""
+    import json
+    out = tmp_path / "run"
+    records = run_script("--smoke", "--steps", "1", "--layout", "3x4,2x6", "--norm", "step", "--save-trees",
+                         "--out", str(out))
+    assert records[-1]["step"] == 1
+    (line,) = (out / "trees.jsonl").read_text().splitlines()
+    for tree in json.loads(line)["trees"]:
+        kids = {}
+        for number, node in enumerate(tree["nodes"]):
+            kids.setdefault(node["parent"], []).append(number)
+        openings = kids[0]
+        assert len(openings) == 3 and all(len(tree["nodes"][n]["tokens"]) <= 4 for n in openings)
+        for opening in openings:
+            below = kids.get(opening, [])
+            assert len(below) == (0 if tree["nodes"][opening]["finished"] else 2)
+            assert all(len(tree["nodes"][n]["tokens"]) <= 6 and n not in kids for n in below)
 
 
 def test_unwritable_out_and_plot_without_metrics_are_refused(tmp_path, capsys, monkeypatch):

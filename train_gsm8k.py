@@ -53,6 +53,8 @@ class Config:
     branch: int = knob(4, "treerpo: children per node (N); with --depth 1 this is GRPO's group size", at_least=1)
     depth: int = knob(2, "levels of segments below the prompt (D); an answer is at most D x L tokens", at_least=1)
     segment_tokens: int = knob(192, "tokens per segment (L)", at_least=1)
+    layout: str = knob("", "treerpo: one NxL a level, in place of --branch, --depth and --segment-tokens: "
+                           "6x128,2x256 is 6 openings of 128 tokens, then 2 continuations of 256 each")
     width: int = knob(8, "grpo: answers per question (G); treepo: the leaf budget per question (W)", at_least=1)
     divergence: int = knob(2, "treepo: continuations per active path and level, budget permitting", at_least=1)
     temperature: float = knob(0.6, "sampling temperature (the paper's recipe, unchecked: docs/method.md)", above=0)
@@ -321,9 +323,10 @@ def sample(model, tokenizer, prompts: list[str], cfg: Config, should_stop=None):
                                             segment_tokens=cfg.segment_tokens, max_depth=cfg.depth, **settings)
     if cfg.method == "grpo":  # GRPO is a one-level tree: G answers with the tree's whole response budget
         return sample_trees(model, tokenizer, prompts, branch=cfg.width, depth=1,
-                            segment_tokens=cfg.depth * cfg.segment_tokens, **settings)
-    return sample_trees(model, tokenizer, prompts, branch=cfg.branch, depth=cfg.depth,
-                        segment_tokens=cfg.segment_tokens, **settings)
+                            segment_tokens=flags.answer_tokens(cfg), **settings)
+    branches, segments = flags.levels(cfg)
+    return sample_trees(model, tokenizer, prompts, branch=branches, depth=len(branches),
+                        segment_tokens=segments, **settings)
 
 
 def parse_args(argv) -> tuple[Config, list[str] | None]:

@@ -6,7 +6,7 @@ import time
 
 from tqdm import tqdm
 
-from demo import device as devices, distributed, stops
+from demo import device as devices, distributed, flags, stops
 from reward import chat_prompt, gsm8k_reward
 from treerpo import sample_trees
 
@@ -37,7 +37,7 @@ def evaluate(model, tokenizer, problems: list[dict], cfg, device: str, stop=None
         with devices.phase("evaluation"), devices.autocast(device, cfg.dtype):
             try:
                 roots = sample_trees(model, tokenizer, prompts, branch=1, depth=1, do_sample=False,
-                                     segment_tokens=cfg.depth * cfg.segment_tokens,
+                                     segment_tokens=flags.answer_tokens(cfg),
                                      should_stop=stop.should_stop if stop else None)
             except ValueError as error:  # a guard of treerpo.py's, already one line
                 raise SystemExit(f"evaluation refused: {error}")

@@ -99,16 +99,50 @@ def config_problem(config_class, cfg) -> str | None:
     if problem:
         return problem
     prompts = min(cfg.sample_batch_size, cfg.prompts_per_step)
-    per_prompt = cfg.branch ** cfg.depth if cfg.method == "treerpo" else cfg.width
+    per_prompt = math.prod(levels(cfg)[0]) if cfg.method == "treerpo" else cfg.width
     try:  # the sampler's own check, before the model is loaded
         check_rows(prompts * per_prompt, 4096, f"--sample-batch-size {prompts} x {per_prompt} answers a question")
     except ValueError as error:
-        return f"{error} (--branch, --depth, --width)"
+        return f"{error} (--branch, --depth, --layout, --width)"
     return out_problem(cfg)
+
+
+LAYOUT = re.compile(r"\d+x\d+(,\d+x\d+)*")
+
+
+def levels(cfg) -> tuple[list[int], list[int]]:
+    """The tree's children a node and tokens a segment, one of each a level: --layout's, or
+    --branch and --segment-tokens at each of --depth levels."""
+    if not cfg.layout:
+        return [cfg.branch] * cfg.depth, [cfg.segment_tokens] * cfg.depth
+    pairs = [level.split("x") for level in cfg.layout.split(",")]
+    return [int(branch) for branch, _ in pairs], [int(tokens) for _, tokens in pairs]
+
+
+def answer_tokens(cfg) -> int:
+    """The answer budget: a leaf's tokens at most, GRPO's answers' and the evaluation's length."""
+    return sum(levels(cfg)[1])
+
+
+def layout_problem(cfg) -> str | None:
+    if not cfg.layout:
+        return None
+    if not LAYOUT.fullmatch(cfg.layout):
+        return f"--layout {cfg.layout}: not one NxL a level, such as 6x128,2x256"
+    if cfg.method != "treerpo":
+        return f"--layout is a TreeRPO tree's; --method {cfg.method} takes --width, --depth and --segment-tokens"
+    if min(min(pair) for pair in zip(*levels(cfg))) < 1:
+        return f"--layout {cfg.layout}: every count must be 1 or more"
+    return None
 
 
 def group_problem(cfg) -> str | None:
     """A group of one answer has no siblings to compare with: every advantage would be 0."""
+    if cfg.layout:  # a level of one child is only a longer segment; some level must branch
+        problem = layout_problem(cfg)
+        if problem or max(levels(cfg)[0]) >= 2:
+            return problem
+        return f"--layout {cfg.layout}: no level has 2 or more children, so no group has siblings to compare with"
     flag, size = ("--branch", cfg.branch) if cfg.method == "treerpo" else ("--width", cfg.width)
     if size < 2:
         return (f"{flag} {size} with --method {cfg.method}: one answer per group has nothing to be compared with, "
@@ -137,9 +171,10 @@ def check_context(model, tokenizer, problems: list[dict], cfg):
     context = getattr(model.config, "max_position_embeddings", None)
     longest = max(len(tokenizer(chat_prompt(tokenizer, problem["question"], cfg.system_prompt),
                                 add_special_tokens=False).input_ids) for problem in problems)
-    if context is None or longest + cfg.depth * cfg.segment_tokens <= context:
+    if context is None or longest + answer_tokens(cfg) <= context:
         return
-    raise SystemExit(f"--depth {cfg.depth} x --segment-tokens {cfg.segment_tokens} = {cfg.depth * cfg.segment_tokens} answer "
+    budget = f"--layout {cfg.layout}" if cfg.layout else f"--depth {cfg.depth} x --segment-tokens {cfg.segment_tokens}"
+    raise SystemExit(f"{budget} = {answer_tokens(cfg)} answer "
                      f"tokens after the longest prompt ({longest} tokens) exceed {cfg.model}'s context of {context} "
                      "tokens: lower --segment-tokens or --depth")
 
