@@ -20,6 +20,7 @@ of one method (folders named <method>-s<seed>) are pooled.
 """
 
 import argparse
+import gzip
 import json
 import statistics
 from pathlib import Path
@@ -137,9 +138,16 @@ def show_trees(run: Path, tokenizer, count: int) -> str:
     return "\n\n".join(shown)
 
 
+def trees_file(run: Path) -> Path | None:
+    """The run's trees.jsonl, or its gzipped copy (as docs/runs keeps them), or None."""
+    return next((path for path in (run / "trees.jsonl", run / "trees.jsonl.gz") if path.is_file()), None)
+
+
 def saved_trees(run: Path):
-    """(step, tree record) for every tree a run saved in its trees.jsonl."""
-    for line in (run / "trees.jsonl").read_text().splitlines():
+    """(step, tree record) for every tree a run saved in its trees.jsonl (or trees.jsonl.gz)."""
+    path = trees_file(run)
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
         record = json.loads(line)
         for tree in record["trees"]:
             yield record["step"], tree
@@ -148,7 +156,7 @@ def saved_trees(run: Path):
 def credited_openings(run: Path) -> float | None:
     """The share of all openings (depth-1 nodes; a GRPO answer) of every saved tree, every question,
     that got an advantage: their sibling group did not tie. None without trees.jsonl."""
-    if not (run / "trees.jsonl").is_file():
+    if trees_file(run) is None:
         return None
     advantages = [child["advantage"] for _, tree in saved_trees(run) for child in tree["nodes"] if child["parent"] == 0]
     return sum(advantage is not None for advantage in advantages) / len(advantages) if advantages else None
@@ -158,7 +166,7 @@ def tied_groups(run: Path) -> tuple[float, float | None] | None:
     """(first level, deeper levels): the share of sibling groups of two or more whose nodes all got
     no advantage (they tied, and were pruned), in every saved tree. None without trees.jsonl; the
     deeper share is None for GRPO's one-level trees."""
-    if not (run / "trees.jsonl").is_file():
+    if trees_file(run) is None:
         return None
     first, deeper = [], []
     for _, tree in saved_trees(run):
@@ -258,7 +266,7 @@ def main():
         return
     if not args.model:
         parser.error("--model is required (its tokenizer reads the trees)")
-    missing = [run for run in args.runs if not (Path(run) / "trees.jsonl").is_file()]
+    missing = [run for run in args.runs if trees_file(Path(run)) is None]
     if missing:
         raise SystemExit(f"no trees.jsonl in {', '.join(missing)}: run train_gsm8k.py with --save-trees")
     from transformers import AutoTokenizer

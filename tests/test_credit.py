@@ -1,6 +1,7 @@
 """probes/credit.py, the credit experiment's reader: the opening classes by hand, and the run summary
 against the records it summarises (a --smoke run, tiny model, seconds)."""
 
+import gzip
 import json
 import os
 
@@ -70,6 +71,10 @@ def test_credited_openings_counts_the_depth_one_nodes_with_an_advantage(tmp_path
     (tmp_path / "trees.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     assert credit.credited_openings(tmp_path) == 3 / 7
     assert credit.credited_openings(tmp_path / "no-trees") is None
+    gzipped = tmp_path / "gzipped"  # as docs/runs keeps a run's trees
+    gzipped.mkdir()
+    (gzipped / "trees.jsonl.gz").write_bytes(gzip.compress((tmp_path / "trees.jsonl").read_bytes()))
+    assert credit.credited_openings(gzipped) == 3 / 7
 
 
 def test_tied_groups_by_level(tmp_path):
