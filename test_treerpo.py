@@ -377,17 +377,20 @@ def test_the_readmes_real_05b_command_is_the_demo_in_bf16(tmp_path, monkeypatch)
         name: value for name, value in vars(default).items() if name not in changed}
 
 
-def test_the_wide_credit_commands_are_nine_runs_of_one_recipe(tmp_path, monkeypatch):
-    """docs/credit.md, "Wide groups": TreeRPO N=4 and GRPO at 9 and 15 answers, seeds 0-2, each in its
-    own folder, all on the same questions, answer length, prompt, reward and steps."""
+def test_the_wide_credit_commands_are_twelve_runs_of_one_recipe(tmp_path, monkeypatch):
+    """docs/credit.md, "Wide groups": TreeRPO N=4 under the std and the step norm, and GRPO at 9 and
+    15 answers, seeds 0-2, each in its own folder, all on the same questions, answer length, prompt,
+    reward, temperature and steps."""
     section = (Path(__file__).parent / "docs" / "credit.md").read_text().split("## Wide groups")[1]
     training = train_commands(section, monkeypatch, tmp_path)
-    assert sorted((cfg.method, cfg.branch if cfg.method == "treerpo" else cfg.width, cfg.seed) for cfg in training) == sorted(
-        (method, size, seed) for method, size in (("treerpo", 4), ("grpo", 9), ("grpo", 15)) for seed in (0, 1, 2))
-    assert len({cfg.out for cfg in training}) == 9
+    assert sorted((cfg.method, cfg.branch if cfg.method == "treerpo" else cfg.width, cfg.norm, cfg.seed)
+                  for cfg in training) == sorted(
+        (method, size, norm, seed) for method, size, norm in (("treerpo", 4, "std"), ("treerpo", 4, "step"),
+                                                              ("grpo", 9, "std"), ("grpo", 15, "std")) for seed in (0, 1, 2))
+    assert len({cfg.out for cfg in training}) == 12
     for cfg in training:
-        assert (cfg.data, cfg.system_prompt, cfg.reward, cfg.depth, cfg.segment_tokens, cfg.steps, cfg.eval_size) == (
-            "steps", "lines", "strict", 2, 24, 20, 200)
+        assert (cfg.data, cfg.system_prompt, cfg.reward, cfg.depth, cfg.segment_tokens, cfg.steps, cfg.eval_size,
+                cfg.temperature) == ("steps", "lines", "strict", 2, 24, 20, 200, 0.7)
 
 
 def test_the_real_05b_credit_commands_are_four_runs_of_one_recipe(tmp_path, monkeypatch):
