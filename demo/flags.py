@@ -115,7 +115,12 @@ def levels(cfg) -> tuple[list[int], list[int]]:
     --branch and --segment-tokens at each of --depth levels."""
     if not cfg.layout:
         return [cfg.branch] * cfg.depth, [cfg.segment_tokens] * cfg.depth
-    pairs = [level.split("x") for level in cfg.layout.split(",")]
+    return parse_layout(cfg.layout)
+
+
+def parse_layout(text: str) -> tuple[list[int], list[int]]:
+    """'4x96,4x288' -> ([4, 4], [96, 288]): children a node and tokens a segment, one pair a level."""
+    pairs = [level.split("x") for level in text.split(",")]
     return [int(branch) for branch, _ in pairs], [int(tokens) for _, tokens in pairs]
 
 

@@ -29,14 +29,9 @@ from pathlib import Path
 
 import torch
 
+from demo.flags import parse_layout as layout  # the demo's --layout format
 from reward import SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, load_problems
 from treerpo import NORMS, assign_advantages, leaves, nodes, response_tokens, sample_trees, scale_by_step
-
-
-def layout(text: str) -> tuple[list[int], list[int]]:
-    """'4x96,4x288' -> ([4, 4], [96, 288]): children a node and tokens a segment, one pair a level."""
-    levels = [level.split("x") for level in text.split(",")]
-    return [int(branch) for branch, _ in levels], [int(tokens) for _, tokens in levels]
 
 
 def sample_cell(model, tokenizer, problems, temperature: float, branches, segments, *, system_prompt, batch,
