@@ -288,6 +288,49 @@ def test_advantages_by_hand(norm):
     assert root.advantage is None
 
 
+def uneven_tree() -> TreeNode:
+    """root ─┬─ a r=1 (EOS)     V(a) = 1        leaves 1, 1, 1, 0, 1: mean 0.8, std sqrt(0.2)
+             ├─ b ─┬─ ba r=1    V(b) = 1        {ba, bb} tied
+             │     └─ bb r=1
+             └─ c ─┬─ ca r=0    V(c) = 1/2      V(root) = (1 + 1 + 1/2) / 3 = 5/6
+                   └─ cb r=1
+    """
+    root = TreeNode(tokens=[1])
+    add(root, [2], 1.0)
+    b, c = add(root, [3]), add(root, [4])
+    add(b, [5], 1.0), add(b, [6], 1.0), add(c, [7], 0.0), add(c, [8], 1.0)
+    return root
+
+
+@pytest.mark.parametrize("form", ["treerl", "grpo"])
+def test_the_root_term_by_hand_on_an_uneven_tree(form):
+    root = uneven_tree()
+    assign_advantages(root, root_term=form)
+    a, b, c = root.children
+    (ba, bb), (ca, cb) = b.children, c.children
+    if form == "treerl":  # (V - V(root) + V - V(parent)) / sqrt(leaves below)
+        expected = {a: 1 / 3, b: (1 / 3) / math.sqrt(2), c: (-2 / 3) / math.sqrt(2), ba: 1 / 6, bb: 1 / 6,
+                    ca: -4 / 3, cb: 2 / 3}
+    else:  # (V - V(root)) / std of the leaves + the sibling std advantage (0 in the tied group {ba, bb})
+        std_leaves, first = math.sqrt(0.2) + 1e-6, 1 / 6 / (math.sqrt(1 / 12) + 1e-6)  # first level: 1, 1, 1/2
+        pair = 0.5 / (math.sqrt(0.5) + 1e-6)
+        expected = {a: 1 / 6 / std_leaves + first, b: 1 / 6 / std_leaves + first,
+                    c: -1 / 3 / std_leaves - 2 * first, ba: 1 / 6 / std_leaves, bb: 1 / 6 / std_leaves,
+                    ca: -5 / 6 / std_leaves - pair, cb: 1 / 6 / std_leaves + pair}
+    assert {node: node.advantage for node in expected} == pytest.approx(expected, rel=1e-6)
+    assert [node.weight for node in (a, b, c, ba, bb, ca, cb)] == [1, 2, 2, 1, 1, 1, 1]  # a node once a leaf below
+    assert root.advantage is None
+    assign_advantages(root)  # TreeRPO as published: the tied group is not trained, every weight 1
+    assert (ba.advantage, bb.advantage) == (None, None)
+
+
+def test_the_root_term_of_a_question_all_wrong_trains_nothing():
+    root = two_level_tree([[0, 0], [0, 0]])
+    for form in ("treerl", "grpo"):
+        assign_advantages(root, root_term=form)
+        assert all(node.advantage is None for node in nodes(root))
+
+
 @pytest.mark.parametrize("values", [[1.0, 1.0, 0.0, 0.0], [1.0] + [0.0] * 7, [1.0, 0.0, 0.0, 0.0]])
 def test_the_bernoulli_norm_divides_by_the_variance(values):
     """For 0/1 values of mean mu, bernoulli's A is 1 / sqrt(mu (1 - mu)) times the A of a norm by the

@@ -65,6 +65,9 @@ class Config:
     norm: str = knob("std", "advantage normalisation: a group's std, bernoulli, none, or step (the group's mean, "
                             "divided by one scale over the step's kept advantages)", choices=(*NORMS, "step"))
     tau: float = knob(0.1, "drop sibling groups whose values span less than this", at_least=0)
+    root_term: str = knob("none", "treerpo: also compare each node with the whole question: treerl, grpo "
+                                  "(treerpo.assign_advantages) or treepo (treepo.py's credit per leaf)",
+                          choices=("none", "treerl", "grpo", "treepo"))
     clip_eps: float = knob(0.2, "PPO clip range", above=0)
     kl_coef: float = knob(0.001, "k3 KL to the starting model; 0 loads no reference copy", at_least=0)
     # optimisation
@@ -237,7 +240,7 @@ def learn(model, ref_model, optimizer, mine: list, cfg: Config, device: str, sto
     rank, world = distributed.rank_and_world()
     roots = trees = credit(distributed.gather(mine), cfg)
     model.train()  # sample_trees switched to eval mode for sampling and back
-    if cfg.method == "treepo":  # per-leaf scores: each segment once, or (clipping) each leaf's path
+    if cfg.method == "treepo" or cfg.root_term == "treepo":  # per-leaf scores: each segment once, or each leaf's path
         trees = treepo.weighted_trees(roots) if cfg.updates_per_batch == 1 else treepo.path_trees(roots)
     my_trees, total = distributed.share(trees, rank, world), counted_tokens(trees)  # divide by the batch's count
     updates = []  # the first update's log-probs are the old ones of the later updates: its ratio is exactly 1
@@ -245,7 +248,7 @@ def learn(model, ref_model, optimizer, mine: list, cfg: Config, device: str, sto
         keep = not updates and cfg.updates_per_batch > 1
         updates.append(update(model, ref_model, optimizer, my_trees, total, cfg, device, stop, keep_logprobs=keep))
     clip_fractions = [done["clip_fraction"] for done in updates]
-    return {**records.tree_metrics(roots, cfg.method), **updates[0], "clip_fraction": sum(clip_fractions) / len(updates),
+    return {**records.tree_metrics(roots, "treepo" if cfg.root_term == "treepo" else cfg.method), **updates[0], "clip_fraction": sum(clip_fractions) / len(updates),
             "clip_fractions": clip_fractions, "updates": len(updates), "skipped": updates[-1]["skipped"]}, roots
 
 
@@ -303,10 +306,11 @@ def credit(roots, cfg: Config):
     """Values and advantages: TreeRPO's and GRPO's within each tree, TreePO's per leaf, whitened
     over the whole batch. Returns `roots`."""
     try:
-        if cfg.method == "treepo":
+        if cfg.method == "treepo" or cfg.root_term == "treepo":
             treepo.assign_treepo_advantages(roots)
-        for root in roots if cfg.method != "treepo" else []:
-            assign_advantages(root, norm="none" if cfg.norm == "step" else cfg.norm, tau=cfg.tau)
+        for root in roots if cfg.method != "treepo" and cfg.root_term != "treepo" else []:
+            assign_advantages(root, norm="none" if cfg.norm == "step" else cfg.norm, tau=cfg.tau,
+                              root_term=None if cfg.root_term == "none" else cfg.root_term)
         if cfg.method != "treepo" and cfg.norm == "step":  # over the whole batch, every process's trees
             scale_by_step(roots)
     except ValueError as error:  # e.g. rewards so large that their mean overflows: say it in one line

@@ -38,6 +38,7 @@ import torch.utils.checkpoint
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 NORMS = ("std", "bernoulli", "none")
+ROOT_TERMS = (None, "treerl", "grpo")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,15 +261,25 @@ def add_children(parents, new_tokens, logprobs, eos_ids, segment_tokens) -> list
 # 2-3. Node values and step-level group advantages
 
 
-def assign_advantages(root: TreeNode, *, norm: str = "std", tau: float = 0.1, eps: float = 1e-6) -> None:
+def assign_advantages(root: TreeNode, *, norm: str = "std", tau: float = 0.1, eps: float = 1e-6,
+                      root_term: str | None = None) -> None:
     """Fill `value` and `advantage` of every node under `root`. Leaf rewards must be set.
 
     value:     V(leaf) = reward;  V(node) = mean of V(child) over its children (no discount)
     advantage: for each group S of siblings, A(v) = group_advantages(S)[v], or None for every
                node of the group when max S - min S < tau (the group carries no signal).
+    root_term: None (TreeRPO as published), or also compare each node v with the whole question,
+               so that a tied group under a good opening still trains (n: the leaves under v):
+        "treerl": A(v) = (V(v) - V(root) + V(v) - V(parent)) / sqrt(n)   (TreeRL, AttnRL; norm, tau unused)
+        "grpo":   A(v) = (V(v) - V(root)) / std(the tree's leaf rewards) + the sibling A above (or 0 if tied)
+                  (Tree-GRPO's GRPO over the question's answers plus one within each group)
+        Both set weight = n: the sources train every leaf's path, a shared segment once per leaf below it.
+        A node whose A is 0 is not trained (None).
     """
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if root_term not in ROOT_TERMS:
+        raise ValueError(f"root_term must be one of {ROOT_TERMS}, got {root_term!r}")
     _assign_values(root)
     root.advantage = None  # the root has no siblings
     for group in [node.children for node in nodes(root) if node.children]:
@@ -282,6 +293,20 @@ def assign_advantages(root: TreeNode, *, norm: str = "std", tau: float = 0.1, ep
                                  "non-finite advantages: rewards this large overflow; scale them down")
         for child, advantage in zip(group, advantages):
             child.advantage = advantage
+    if root_term is not None:
+        add_root_term(root, root_term, eps)
+
+
+def add_root_term(root: TreeNode, form: str, eps: float = 1e-6) -> None:
+    """The root term of `assign_advantages` (its docstring), on a tree with values and sibling advantages."""
+    scale = mean_and_std([reward_of(leaf) for leaf in leaves(root)])[1] + eps if form == "grpo" else 1.0
+    for node in nodes(root)[1:]:
+        below = len(leaves(node))
+        if form == "treerl":
+            advantage = (node.value - root.value + node.value - node.parent.value) / math.sqrt(below)
+        else:
+            advantage = (node.value - root.value) / scale + (node.advantage or 0.0)
+        node.advantage, node.weight = (advantage if abs(advantage) > 1e-9 else None), below
 
 
 def _assign_values(node: TreeNode) -> float:

@@ -86,6 +86,8 @@ def config_problem(config_class, cfg) -> str | None:
                 (above is not None and not (math.isfinite(value) and value > above)):
             wanted = f">= {low}" if low is not None else f"> {above}"
             return f"--{knob_field.name.replace('_', '-')} must be {wanted}, got {value}"
+    if cfg.root_term != "none" and cfg.method != "treerpo":
+        return f"--root-term is a TreeRPO tree's credit; --method {cfg.method} has its own"
     if cfg.lora_rank and importlib.util.find_spec("peft") is None:
         return "--lora-rank needs peft, an optional dependency: pip install peft"
     problem = (device.device_problem(cfg.device) or group_problem(cfg) or model_problem(cfg.model) or
