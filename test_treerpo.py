@@ -382,73 +382,6 @@ def test_readme_example_trains(capsys, monkeypatch, tmp_path):
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
 
 
-def train_commands(text: str, monkeypatch, tmp_path) -> list:
-    """The Configs of the `train_gsm8k.py` runs in the first bash block of a doc's text, run through
-    bash with `python` caught: each must be a valid command line."""
-    import subprocess
-    import train_gsm8k
-    commands = text.split("```bash\n")[1].split("```")[0]
-    catch = 'python() { if [ "$1" = train_gsm8k.py ]; then shift; printf "%s\\0" "$@"; echo; fi; }\n'
-    printed = subprocess.run(["bash", "-c", catch + commands], capture_output=True, text=True, check=True).stdout
-    monkeypatch.chdir(tmp_path)  # the runs' --out folders do not exist here
-    runs = [line.split("\0")[:-1] for line in printed.splitlines() if not line.startswith("--plot")]
-    return [train_gsm8k.parse_args(argv)[0] for argv in runs]
-
-
-def test_readme_learning_commands_are_the_recipe(tmp_path, monkeypatch):
-    """The commands of README "Does it learn?": the CPU recipe (the brief prompt, --data easy), one per method."""
-    training = train_commands((Path(__file__).parent / "docs" / "learning.md").read_text(), monkeypatch, tmp_path)
-    assert {(cfg.method, cfg.width if cfg.method != "treerpo" else cfg.branch) for cfg in training} == {
-        ("treerpo", 2), ("grpo", 8), ("grpo", 4), ("treepo", 8)}
-    for cfg in training:
-        prompt = reward.SYSTEM_PROMPTS.get(cfg.system_prompt, cfg.system_prompt)
-        assert (cfg.data, prompt, cfg.device) == ("easy", reward.SYSTEM_PROMPTS["brief"], "cpu")
-        assert (cfg.depth, cfg.segment_tokens, cfg.lr, cfg.steps) == (3, 16, 1e-5, 20)
-
-
-def test_the_readmes_real_05b_command_is_the_demo_in_bf16(tmp_path, monkeypatch):
-    """README "A real 0.5B on a CPU": the demo's defaults but for the CPU, bf16 and the size of the run
-    (the figures printed beside it were measured with exactly these)."""
-    section = (Path(__file__).parent / "README.md").read_text().split("**A real 0.5B on a CPU:**")[1]
-    import train_gsm8k
-    [cfg] = train_commands(section, monkeypatch, tmp_path)
-    default = train_gsm8k.parse_args(["--device", "cpu"])[0]  # the demo's defaults, here without a GPU
-    assert (cfg.model, cfg.device, cfg.dtype, cfg.prompts_per_step, cfg.steps, cfg.eval_size) == (
-        "out/qwen05", "cpu", "bf16", 4, 3, 20)
-    changed = {"model", "device", "dtype", "prompts_per_step", "steps", "eval_size", "out"}
-    assert {name: value for name, value in vars(cfg).items() if name not in changed} == {
-        name: value for name, value in vars(default).items() if name not in changed}
-
-
-def test_the_wide_credit_commands_are_twelve_runs_of_one_recipe(tmp_path, monkeypatch):
-    """docs/credit.md, "Wide groups": TreeRPO N=4 under the std and the step norm, and GRPO at 9 and
-    15 answers, seeds 0-2, each in its own folder, all on the same questions, answer length, prompt,
-    reward, temperature and steps."""
-    section = (Path(__file__).parent / "docs" / "credit.md").read_text().split("## Wide groups")[1]
-    training = train_commands(section, monkeypatch, tmp_path)
-    assert sorted((cfg.method, cfg.branch if cfg.method == "treerpo" else cfg.width, cfg.norm, cfg.seed)
-                  for cfg in training) == sorted(
-        (method, size, norm, seed) for method, size, norm in (("treerpo", 4, "std"), ("treerpo", 4, "step"),
-                                                              ("grpo", 9, "std"), ("grpo", 15, "std")) for seed in (0, 1, 2))
-    assert len({cfg.out for cfg in training}) == 12
-    for cfg in training:
-        assert (cfg.data, cfg.system_prompt, cfg.reward, cfg.depth, cfg.segment_tokens, cfg.steps, cfg.eval_size,
-                cfg.temperature) == ("steps", "lines", "strict", 2, 24, 20, 200, 0.7)
-
-
-def test_the_real_05b_credit_commands_are_four_runs_of_one_recipe(tmp_path, monkeypatch):
-    """docs/credit-05b.md: TreeRPO at the demo's tree and GRPO at its tokens (G = 7), seeds 0-1, each
-    in its own folder, on the same model, data, answer budget, prompt, reward, steps and lr."""
-    training = train_commands((Path(__file__).parent / "docs" / "credit-05b.md").read_text(), monkeypatch, tmp_path)
-    assert sorted((cfg.method, cfg.branch if cfg.method == "treerpo" else cfg.width, cfg.seed) for cfg in training) == sorted(
-        (method, size, seed) for method, size in (("treerpo", 4), ("grpo", 7)) for seed in (0, 1))
-    assert len({cfg.out for cfg in training}) == 4
-    for cfg in training:
-        assert (cfg.model, cfg.dtype, cfg.reward, cfg.depth, cfg.segment_tokens, cfg.steps, cfg.eval_size, cfg.lr,
-                cfg.kl_coef, cfg.prompts_per_step, cfg.system_prompt) == (
-            "out/qwen05", "bf16", "strict", 2, 192, 12, 100, 2e-6, 0.0, 4, "demo")
-
-
 def test_format_tree_on_a_hand_built_tree(tokenizer):
     encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     root = TreeNode(tokens=encode("Q: what is 2+3?\nA:"))
@@ -625,31 +558,31 @@ def test_packed_row_of_a_grpo_group_holds_the_prompt_once(tokenizer):
     assert row["tokens"] == root.tokens + [token for answer in root.children for token in answer.tokens]
     assert row["positions"] == list(range(len(root.tokens))) + [len(root.tokens) + i for answer in root.children
                                                                 for i in range(len(answer.tokens))]
-    mask = treerpo.tree_mask(row)
+    mask = treerpo.collate([row], "cpu", packed=True)["attention_mask"][0, 0]
     first, second = len(root.tokens), len(root.tokens) + len(root.children[0].tokens)
     assert mask[second, :first].all() and not mask[second, first:second].any()  # answers never see each other
 
 
-def test_packed_is_the_default_and_leaf_paths_serve_other_attentions(tokenizer):
+def test_an_attention_that_ignores_the_tree_mask_trains_leaf_paths(tokenizer):
+    """Packing is measured, not read off the attention's name: an attention that applies its own causal mask
+    (as flash-attention does, taking no 4D mask) gives a packed row other log-probs, so the default trains
+    leaf paths, with the packed loss of an attention that reads the mask; packed=True is refused in one line."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    AttentionInterface.register("sdpa_by_another_name", sdpa_attention_forward)  # an attention that is not sdpa or eager
+    AttentionInterface.register("causal_only", lambda module, query, key, value, attention_mask, **kwargs:
+                                sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs))
     model = tiny_model(len(tokenizer))
     roots = scored_trees(model, tokenizer)
     packed_loss, packed_stats, packed_grads = loss_and_gradient(model, roots)
     assert packed_stats["packed"] is True
-    model.config._attn_implementation = "sdpa_by_another_name"
+    model.config._attn_implementation = "causal_only"
     loss, stats, grads = loss_and_gradient(model, roots)
     assert stats["packed"] is False and stats["positions"] > packed_stats["positions"]
     assert loss == pytest.approx(packed_loss, abs=1e-5)
     torch.testing.assert_close(grads, packed_grads, atol=1e-5, rtol=1e-4)
-
-
-def test_packed_refuses_an_attention_without_custom_masks(tokenizer):
-    model = tiny_model(len(tokenizer))
-    model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="attn_implementation='sdpa' or 'eager'"):
-        backward_loss(model, scored_trees(tiny_model(len(tokenizer)), tokenizer), packed=True)
+    with pytest.raises(ValueError, match="^packed=True: a packed row of Qwen2ForCausalLM gave log-probs off by .* from "
+                                         "its leaf paths'; packed=False trains leaf paths, with the same result$"):
+        backward_loss(model, roots, packed=True)
 
 
 def tiny_mistral(vocab_size: int, window: int | None):
@@ -670,7 +603,7 @@ def test_a_sliding_window_shorter_than_a_path_trains_leaf_paths(tokenizer):
     short = tiny_mistral(len(tokenizer), window=longest // 2)
     loss, stats, grads = loss_and_gradient(short, roots)
     assert stats["packed"] is False
-    with pytest.raises(ValueError, match=f"a path of {longest} tokens is longer than the model's sliding window of"):
+    with pytest.raises(ValueError, match="packed=True: a packed row of MistralForCausalLM gave log-probs off by"):
         backward_loss(short, roots, packed=True)
     short.config.sliding_window = None  # the same weights without the window: the window did matter
     assert loss_and_gradient(short, roots, packed=False)[0] != pytest.approx(loss, abs=1e-4)
@@ -707,7 +640,8 @@ def test_logits_in_chunks_equal_logits_at_once(tokenizer, arch):
     for chunk_size in (10**6, 7):
         model.zero_grad()
         seen.clear()
-        logprobs = treerpo.token_logprobs(model, input_ids, attention_mask, temperature=0.7, chunk_size=chunk_size)
+        logprobs = treerpo.token_logprobs(model, input_ids, attention_mask, temperature=0.7, head=model.lm_head,
+                                          chunk_size=chunk_size)
         (logprobs * torch.linspace(-1, 1, logprobs.shape[1])).sum().backward()
         results.append((logprobs.detach(), [p.grad.clone() for p in model.parameters()], list(seen)))
     hook.remove()
@@ -728,6 +662,21 @@ class WithoutLogitsToKeep(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         return self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def test_the_head_runs_in_chunks_only_where_the_logits_are_head_of_the_hidden_state(tokenizer):
+    """Measured on a few prompt tokens, whatever the family: Granite's scaled logits are head(scaled hidden
+    state), so its head is chunked exactly; Gemma 2's soft-capped ones are not, so its head is not chunked."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM
+    model = tiny_model(len(tokenizer))
+    roots = scored_trees(model, tokenizer)
+    assert treerpo.plain_output_head(model, roots, "cpu") is model.lm_head
+    shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    granite = GraniteForCausalLM(GraniteConfig(**shape, logits_scaling=0.5))
+    assert treerpo.plain_output_head(granite, roots, "cpu") is granite.lm_head
+    gemma = Gemma2ForCausalLM(Gemma2Config(**shape, final_logit_softcapping=0.1, attn_implementation="eager"))
+    assert treerpo.plain_output_head(gemma, roots, "cpu") is None
 
 
 def test_a_forward_without_logits_to_keep_gives_the_same_loss(tokenizer):
@@ -882,18 +831,6 @@ def test_a_lora_model_needs_no_change(tokenizer):
     assert not torch.allclose(without_adapters, teacher_forced(model, root, node))  # the adapters were in the path
 
 
-def test_lora_training_run_and_its_resume(tmp_path):
-    pytest.importorskip("peft")
-    straight = run_script("--smoke", "--lora-rank", "4", "--lr", "3e-2", "--steps", "4", "--out", str(tmp_path / "a"))
-    assert any(record.get("kept_nodes", 0) > 0 and record["grad_norm"] > 0 for record in straight)
-    assert (tmp_path / "a" / "checkpoint-000004" / "adapter_model.safetensors").exists()  # adapters only
-    assert not (tmp_path / "a" / "checkpoint-000004" / "model.safetensors").exists()
-    run_script("--smoke", "--lora-rank", "4", "--lr", "3e-2", "--steps", "2", "--out", str(tmp_path / "b"))
-    resumed = run_script("--smoke", "--lora-rank", "4", "--lr", "3e-2", "--steps", "4", "--resume",
-                         "--out", str(tmp_path / "b"))
-    assert [without_timings(r) for r in resumed[3:]] == [without_timings(r) for r in straight[3:]]
-
-
 # 8. Bad input --------------------------------------------------------------------------------
 
 
@@ -903,9 +840,9 @@ def test_lora_training_run_and_its_resume(tmp_path):
     (dict(segment_tokens=0), "segment_tokens must be an integer >= 1"),
     (dict(branch=2.5), "branch must be an integer >= 1"),
     (dict(temperature=0.0), "temperature must be > 0"),
-    (dict(top_p=0.0), "top_p must be in"),
-    (dict(prompts=[]), "prompts is empty"),
-    (dict(prompts="one string"), "prompts must be a list of strings"),
+    (dict(top_p=0.0), "top_p in \\(0, 1\\], got 1.0 and 0.0"),
+    (dict(prompts=[]), "prompts must be a non-empty list of strings, got \\[\\]"),
+    (dict(prompts="one string"), "prompts must be a non-empty list of strings, got 'one string'"),
     (dict(prompts=["fine", ""]), "prompt 1 encodes to no tokens"),
     (dict(prompts=["a" * 1020]), "exceeds the model's context of 1024 tokens"),
 ])
@@ -967,7 +904,7 @@ def test_common_sampling_settings_of_the_model_are_overridden(tokenizer):
 def test_a_tree_too_big_for_max_rows_is_refused_before_sampling(tokenizer):
     import treepo
     model = tiny_model(len(tokenizer))
-    with pytest.raises(ValueError, match="2 prompts x branch 64 \\*\\* depth 4 = 33,554,432 rows .* max_rows=4,096"):
+    with pytest.raises(ValueError, match="2 prompts x branches \\[64, 64, 64, 64\\] = 33,554,432 rows .* max_rows=4,096"):
         sample_trees(model, tokenizer, ["a", "b"], branch=64, depth=4, segment_tokens=8)
     with pytest.raises(ValueError, match="2 prompts x width 5000 = 10,000 rows .* max_rows=4,096"):
         treepo.sample_budgeted_trees(model, tokenizer, ["a", "b"], width=5000, segment_tokens=8, max_depth=2)
@@ -1148,193 +1085,6 @@ def test_reward_is_fast_on_long_garbage():
     assert time.perf_counter() - start < 2.0
 
 
-# train_gsm8k.py ------------------------------------------------------------------------------
-
-
-def run_script(*args):
-    """Run train_gsm8k.py as a user would; returns its metrics.jsonl records."""
-    import json
-    import subprocess
-    import sys
-    out = args[args.index("--out") + 1]
-    subprocess.run([sys.executable, "train_gsm8k.py", *args], check=True, cwd=Path(__file__).parent,
-                   capture_output=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timings(record):
-    return {key: value for key, value in record.items() if not key.endswith("_s")}
-
-
-def test_smoke_run_covers_every_path_and_resume_is_exact(tmp_path):
-    straight = run_script("--smoke", "--steps", "6", "--out", str(tmp_path / "straight"))
-    assert [record["step"] for record in straight] == list(range(7))
-    assert {"eval_strict", "eval_lenient", "eval_response_tokens"} <= straight[0].keys()  # evaluated before
-    assert all("eval_lenient" in straight[step] for step in (2, 4, 6))  # every --eval-every and at the end
-    assert any(record.get("kept_nodes", 0) > 0 and record["grad_norm"] > 0 for record in straight)  # it updated
-    for key in ("reward", "tokens_generated", "loss", "kl", "grad_norm", "kept_nodes", "pruned_nodes", "sample_s"):
-        assert key in straight[1]
-    assert (tmp_path / "straight" / "checkpoint-000006" / "model.safetensors").exists()
-    shown = (tmp_path / "straight" / "trees" / "step_2.txt").read_text()  # --show-tree-every 2 in smoke mode
-    assert shown.startswith("step 2, first question") and shown.count("\n") == 2 + 2 + 4  # 6 nodes + header
-
-    run_script("--smoke", "--steps", "4", "--out", str(tmp_path / "resumed"))
-    resumed = run_script("--smoke", "--steps", "6", "--resume", "--out", str(tmp_path / "resumed"))
-    assert [record["step"] for record in resumed] == list(range(7))
-    assert [without_timings(r) for r in resumed[5:]] == [without_timings(r) for r in straight[5:]]
-
-
-def test_script_errors_are_clear(tmp_path, monkeypatch, capsys):
-    import train_gsm8k
-    with pytest.raises(SystemExit):
-        train_gsm8k.main(["--smoke", "--resume", "--out", str(tmp_path)])
-    assert "error: --resume: no checkpoint in" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="could not load the dataset 'openai/gsm8k'"):
-        reward.load_problems("openai/gsm8k", "train")
-    with pytest.raises(SystemExit, match="could not load the tokenizer of 'no-such/model'.*Check the name and the network"):
-        train_gsm8k.load_model_and_tokenizer(train_gsm8k.Config(model="no-such/model"))
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "config.json").write_text("{}")  # a local folder: the network is not the problem
-    with pytest.raises(SystemExit, match="could not load the tokenizer of .*model'.*Is it a model folder") as error:
-        train_gsm8k.load_model_and_tokenizer(train_gsm8k.Config(model=str(tmp_path / "model")))
-    assert "network" not in str(error.value)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert "no CUDA GPU found: this demo is meant for one GPU. Pass --device cpu" in refused(
-        ["--out", str(tmp_path)], capsys, monkeypatch)
-
-
-def test_an_unreachable_hub_is_one_short_attempt(tmp_path, capsys, monkeypatch):
-    """A hub name with no network: one connection attempt of 5 s and a one-line error, not a minute
-    of the hub client's retries; HF_HUB_OFFLINE=1 makes no attempt."""
-    from demo import flags
-    import train_gsm8k
-    from huggingface_hub import constants
-    attempts = []
-
-    def unreachable(address, timeout):
-        attempts.append((address, timeout))
-        raise OSError("no route to host")
-    monkeypatch.setattr(flags.socket, "create_connection", unreachable)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    line = refused(["--model", "someone/model", "--data", "easy", "--device", "cpu", "--out", str(tmp_path / "a")],
-                   capsys, monkeypatch)
-    assert "--model someone/model: the Hugging Face hub (huggingface.co) cannot be reached (no route to host)" in line
-    assert attempts == [(("huggingface.co", 443), 5.0)]
-    assert "--data openai/gsm8k: the Hugging Face hub" in refused(
-        ["--smoke", "--data", "openai/gsm8k", "--out", str(tmp_path / "b")], capsys, monkeypatch)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert flags.hub_problem(train_gsm8k.Config(model="someone/model")) is None and len(attempts) == 2
-
-
-def refused(argv, capsys, monkeypatch) -> str:
-    """Run train_gsm8k.main(argv), which must refuse it argparse-style (exit 2, one "error:" line)
-    before loading any data or model; returns that line."""
-    import train_gsm8k
-
-    def must_not_load(*args, **kwargs):
-        raise AssertionError("loaded something before refusing a bad flag")
-    for loader in ("load_problems", "load_model_and_tokenizer"):
-        monkeypatch.setattr(train_gsm8k, loader, must_not_load)
-    with pytest.raises(SystemExit) as exit_info:
-        train_gsm8k.main(argv)
-    assert exit_info.value.code == 2
-    (line,) = capsys.readouterr().err.splitlines()  # the error alone: argparse's usage block only on --help
-    assert line.startswith("train_gsm8k.py: error: ")
-    return line
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--branch", "0"], "--branch must be >= 1, got 0"),
-    (["--save-every", "0"], "--save-every must be >= 1, got 0"),
-    (["--prompts-per-step", "0"], "--prompts-per-step must be >= 1, got 0"),
-    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
-    (["--sample-batch-size", "0"], "--sample-batch-size must be >= 1, got 0"),
-    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1, got 0"),
-    (["--width", "0"], "--width must be >= 1, got 0"),
-    (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
-    (["--lr", "nan"], "--lr must be > 0, got nan"),
-    (["--steps", "-1"], "--steps must be >= 0, got -1"),
-    (["--kl-coef", "-0.1"], "--kl-coef must be >= 0, got -0.1"),
-    (["--data", "/no/such/folder/train.jsonl,/no/such/test.jsonl"], "no train file at /no/such/folder/train.jsonl"),
-    (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
-])
-def test_bad_flags_are_refused_before_anything_loads(tmp_path, capsys, monkeypatch, flags, message):
-    line = refused(["--smoke", "--out", str(tmp_path / "run"), *flags], capsys, monkeypatch)
-    assert "error: " in line and message in line
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--device", "cuda"], "--device cuda: this torch (2"),
-    (["--device", "cuda:1"], "sees no CUDA GPU; --device cpu runs on the CPU"),
-    (["--device", "gpu"], "--device gpu: not a device; use cpu, cuda, cuda:N or auto"),
-    (["--device", "meta"], "--device meta: this demo runs on cpu or cuda (cuda:N)"),
-    (["--branch", "1"], "--branch 1 with --method treerpo: one answer per group has nothing to be compared with"),
-    (["--method", "grpo", "--width", "1"], "--width 1 with --method grpo: one answer per group"),
-    (["--method", "treepo", "--width", "1"], "--width 1 with --method treepo: one answer per group"),
-    (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
-    (["--data", "one.jsonl"], "--data one.jsonl is one file, and the demo needs a train and a test split"),
-    (["--model", "empty"], "--model empty: this folder holds no config.json, so it is not a model folder"),
-    (["--model", "one.jsonl"], "--model one.jsonl is a file: pass the folder that holds the model"),
-    (["--system-prompt", "breif"], "--system-prompt breif: not a preset (demo, brief, lines); a system message of"),
-    (["--lr", "-1e-5"], "--lr must be > 0, got -1e-05"),  # argparse alone: "expected one argument"
-    (["--tau", "-1E-3"], "--tau must be >= 0, got -0.001"),
-    (["--kl-coef", "-inf"], "--kl-coef must be >= 0, got -inf"),
-    (["--layout", "4,4"], "--layout 4,4: not one NxL a level, such as 6x128,2x256"),
-    (["--layout", "1x8,1x8"], "--layout 1x8,1x8: no level has 2 or more children"),
-    (["--layout", "0x8,2x8"], "--layout 0x8,2x8: every count must be 1 or more"),
-    (["--method", "grpo", "--layout", "4x8,2x8"], "--layout is a TreeRPO tree's; --method grpo takes --width"),
-])
-def test_a_new_users_mistakes_are_one_line_each(tmp_path, capsys, monkeypatch, flags, message):
-    """Each of these once got a traceback, a wrong guess or nothing at all (a --branch 1 run trained
-    nothing for as long as it ran); now each is one line, before anything loads or is created."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "one.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
-    assert message in refused(["--smoke", "--out", str(tmp_path / "run"), *flags], capsys, monkeypatch)
-    assert not (tmp_path / "run").exists()  # no folder, no run.lock left behind
-
-
-def test_a_layout_samples_its_tree_and_the_step_norm_runs(tmp_path):
-    """--layout 3x4,2x6: three openings of at most 4 tokens, then two continuations of at most 6
-    under each opening that did not end; --norm step takes the demo's credit path through scale_by_step."""
-    import json
-    out = tmp_path / "run"
-    records = run_script("--smoke", "--steps", "1", "--layout", "3x4,2x6", "--norm", "step", "--save-trees",
-                         "--out", str(out))
-    assert records[-1]["step"] == 1
-    (line,) = (out / "trees.jsonl").read_text().splitlines()
-    for tree in json.loads(line)["trees"]:
-        kids = {}
-        for number, node in enumerate(tree["nodes"]):
-            kids.setdefault(node["parent"], []).append(number)
-        openings = kids[0]
-        assert len(openings) == 3 and all(len(tree["nodes"][n]["tokens"]) <= 4 for n in openings)
-        for opening in openings:
-            below = kids.get(opening, [])
-            assert len(below) == (0 if tree["nodes"][opening]["finished"] else 2)
-            assert all(len(tree["nodes"][n]["tokens"]) <= 6 and n not in kids for n in below)
-
-
-def test_unwritable_out_and_plot_without_metrics_are_refused(tmp_path, capsys, monkeypatch):
-    (tmp_path / "a_file").write_text("")
-    assert "cannot create a folder there" in refused(["--smoke", "--out", str(tmp_path / "a_file" / "run")],
-                                                     capsys, monkeypatch)
-    assert f"--plot: no metrics.jsonl in {tmp_path}" in refused(["--plot", str(tmp_path)], capsys, monkeypatch)
-
-
-def test_out_in_use_is_refused_and_a_finished_run_is_not_resumed(tmp_path, capsys, monkeypatch):
-    import json
-    out = tmp_path / "run"
-    first = run_script("--smoke", "--steps", "2", "--out", str(out))
-    assert "already holds a run (metrics.jsonl): pass --resume" in refused(["--out", str(out), "--device", "cpu"], capsys, monkeypatch)
-    assert "already reached step 2 of --steps 2; raise --steps" in refused(
-        ["--smoke", "--steps", "2", "--resume", "--out", str(out)], capsys, monkeypatch)
-    monkeypatch.undo()
-    again = run_script("--smoke", "--steps", "2", "--overwrite", "--out", str(out))  # starts over, same seed
-    assert [json.dumps(without_timings(r)) for r in again] == [json.dumps(without_timings(r)) for r in first]
-
-
 def test_bad_data_files_are_named_with_their_line(tmp_path, capsys):
     import json
     import train_gsm8k
@@ -1391,45 +1141,6 @@ def test_word_problems_are_seeded_disjoint_and_right(name, kinds):
     assert reward.check_problems(train, name) == train
 
 
-def test_system_prompt_is_what_sampling_and_evaluation_see(tokenizer, monkeypatch):
-    import train_gsm8k
-    cfg = train_gsm8k.Config(system_prompt="Reply in verse.", branch=2, depth=1, segment_tokens=2, device="cpu")
-    seen = []
-    real_sample_trees = train_gsm8k.sample_trees
-    def spy(model, tokenizer, prompts, **kwargs):
-        seen.extend(prompts)
-        return real_sample_trees(model, tokenizer, prompts, **kwargs)
-    from demo import evaluation
-    monkeypatch.setattr(train_gsm8k, "sample_trees", spy)
-    monkeypatch.setattr(evaluation, "sample_trees", spy)
-    model = tiny_model(len(tokenizer))
-    problems = reward.word_problems("easy", "test")[:2]
-    train_gsm8k.sample_and_score(model, tokenizer, problems, cfg, "cpu")
-    evaluation.evaluate(model, tokenizer, problems, cfg, "cpu")
-    assert len(seen) == 4 and all("system\nReply in verse.<|im_end|>" in prompt for prompt in seen)
-    assert all(problems[i % 2]["question"] in prompt for i, prompt in enumerate(seen))
-
-
-def test_smoke_honours_model_and_data(tmp_path):
-    import json
-    data = tmp_path / "data"
-    data.mkdir()
-    problem = {"question": "What is 7 + 1?", "answer": "7 + 1 = 8\n#### 8"}
-    for split in ("train", "test"):
-        (data / f"{split}.jsonl").write_text(json.dumps(problem) + "\n")
-    records = run_script("--smoke", "--steps", "1", "--data", str(data), "--out", str(tmp_path / "run"))
-    assert records[1]["leaves"] == 4 * 4  # 4 prompts a step, all the one local problem: 2 x 2 leaves each
-    shown = run_script("--smoke", "--steps", "2", "--data", str(data), "--show-tree-every", "1",
-                       "--out", str(tmp_path / "shown"))
-    assert "What is 7 + 1?" in (tmp_path / "shown" / "trees" / "step_1.txt").read_text() and len(shown) == 3
-    import subprocess
-    import sys
-    failed = subprocess.run([sys.executable, "train_gsm8k.py", "--smoke", "--model", str(tmp_path / "no-model"),
-                             "--out", str(tmp_path / "bad")], cwd=Path(__file__).parent, capture_output=True,
-                            text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
-    assert failed.returncode == 2 and "no-model: no such file or folder" in failed.stderr  # --model is used
-
-
 def test_a_missing_real_model_names_the_pip_packages(monkeypatch, tmp_path):
     import importlib.util
     from offline import smollm2
@@ -1453,22 +1164,6 @@ def test_ci_installs_the_readmes_cpu_route():
         assert line.replace("pip install", "pip install -q") in ci
 
 
-def test_plot_renders_curves_of_two_runs(tmp_path):
-    import json
-    import train_gsm8k
-    pytest.importorskip("matplotlib")  # .ci/run installs it; without it the next test covers the message
-    for name, rewards in (("tree", [0.1, 0.3, 0.5]), ("grpo", [0.1, 0.2, 0.3])):
-        (tmp_path / name).mkdir()
-        records = [{"step": 0, "eval_lenient": 0.3, "eval_strict": 0.2}] + [
-            {"step": step + 1, "reward": reward, "response_tokens": 100.0, "tokens_generated": 5000, "sample_s": 2.0}
-            for step, reward in enumerate(rewards)]
-        records[-1] |= {"eval_lenient": 0.4, "eval_strict": 0.35}
-        (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    train_gsm8k.main(["--plot", str(tmp_path / "tree"), str(tmp_path / "grpo")])
-    png = (tmp_path / "tree" / "curves.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
-
-
 def test_curve_points_run_totals_of_tokens_and_seconds():
     from pictures import plots
     records = [{"step": 0, "eval_lenient": 0.2},
@@ -1488,15 +1183,6 @@ def test_runs_are_labelled_by_method_and_seed(tmp_path):
     (tmp_path / "a" / "run.json").write_text(json.dumps({"method": "grpo", "width": 8, "seed": 2, "tau": 0.0}))
     assert plots.run_label(tmp_path / "a") == ("GRPO G=8 tau=0", 2)
     assert plots.run_label(tmp_path / "treerpo-s1") == ("treerpo", 1) and plots.run_label(tmp_path / "x") == ("x", None)
-
-
-def test_plot_without_matplotlib_says_how_to_install(tmp_path, monkeypatch):
-    import sys
-    import train_gsm8k
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval_lenient": 0.5}\n')
-    with pytest.raises(SystemExit, match="pip install matplotlib"):
-        train_gsm8k.main(["--plot", str(tmp_path)])
 
 
 def test_every_picture_without_matplotlib_says_how_to_install_before_any_work(tmp_path, monkeypatch):
@@ -1523,24 +1209,6 @@ def test_the_anatomy_prints_its_table_without_matplotlib_or_out(tmp_path, monkey
     anatomy.main(["--model", str(tmp_path / "tiny"), "--widths", "2", "--questions", "2", "--segment-tokens", "4"])
     assert capsys.readouterr().out.splitlines()[-3].startswith("| N | trees | leaves/question")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["tiny"]  # nothing written
-
-
-def test_help_lists_every_knob_with_its_default(capsys, tmp_path):
-    import dataclasses
-    import train_gsm8k
-    with pytest.raises(SystemExit):
-        train_gsm8k.parse_args(["--help"])
-    parser_help = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    for knob in dataclasses.fields(train_gsm8k.Config):
-        assert f"--{knob.name.replace('_', '-')}" in parser_help
-    assert "(default: 192)" in parser_help and "(default: Qwen/Qwen2.5-0.5B-Instruct)" in parser_help
-    assert "'easy'" in parser_help and "--no-" not in parser_help  # every data source; switches without --no- twins
-    out = ["--out", str(tmp_path / "run")]  # whatever the working folder holds
-    config, _ = train_gsm8k.parse_args([*out, "--device", "cpu"])  # auto is refused without a GPU
-    assert (config.branch, config.depth, config.segment_tokens, config.lr) == (4, 2, 192, 1e-6)
-    smoke, _ = train_gsm8k.parse_args(["--smoke", "--branch", "3", *out])
-    assert smoke.smoke and smoke.depth == 2 and smoke.branch == 3  # smoke defaults, command line on top
-    assert smoke.overwrite  # --smoke starts over each time (its --resume is tested with the smoke run)
 
 
 # bench/bench.py ------------------------------------------------------------------------------------

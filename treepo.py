@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from treerpo import (SampledLogprobs, TreeNode, add_children, cache_argument, check_branchable, check_lengths,
-                     check_rows, check_sampling_args, encode_prompts, generate_settings, leaves, nodes, pad_rows,
-                     path_from_root, response_tokens, reward_of, special_ids, stop_point)
+from treerpo import (SampledLogprobs, TreeNode, add_children, cache_argument, check_branchable, check_count,
+                     check_lengths, check_rows, check_sampling_args, encode_prompts, generate_settings, leaves, nodes,
+                     pad_rows, path_from_root, response_tokens, reward_of, special_ids)
 
 
 @dataclass(eq=False)
@@ -67,8 +67,7 @@ def has_repetition(text: str, length: int = 32, count: int = 8) -> bool:
 def sample_budgeted_trees(model, tokenizer, prompts: list[str], *, width: int, divergence: int = 2,
                           segment_tokens: int, max_depth: int, temperature: float = 1.0, top_p: float = 1.0,
                           do_sample: bool = True, return_logprobs: bool = False, repeat_length: int = 32,
-                          repeat_count: int = 8, fallback: bool = True, max_rows: int = 4096,
-                          should_stop=None) -> list[BudgetedNode]:
+                          repeat_count: int = 8, fallback: bool = True, max_rows: int = 4096) -> list[BudgetedNode]:
     """Sample one TreePO tree per prompt, at most `width` leaves each; returns the roots.
 
     Arguments as `treerpo.sample_trees`, plus: width, the leaf budget W; divergence, the
@@ -76,23 +75,25 @@ def sample_budgeted_trees(model, tokenizer, prompts: list[str], *, width: int, d
     (count 0: off); fallback, whether budget left when every path has ended is spent re-branching.
     max_rows caps prompts x width, the most rows a level can hold.
     """
-    check_sampling_args(prompts, temperature, top_p, do_sample, width=width, divergence=divergence,
-                         max_depth=max_depth, segment_tokens=segment_tokens)
-    check_branchable(model)
+    for name, count in (("width", width), ("divergence", divergence), ("max_depth", max_depth)):
+        check_count(name, count)
+    check_sampling_args(prompts, temperature, top_p, do_sample, 1, max_depth, segment_tokens, max_rows)
     check_rows(len(prompts) * width, max_rows, f"{len(prompts)} prompts x width {width}")
     pad_id, eos_ids = special_ids(model, tokenizer)
     roots = [BudgetedNode(tokens=tokenizer(prompt, add_special_tokens=False).input_ids) for prompt in prompts]
     check_lengths(model, [root.tokens for root in roots], max_depth * segment_tokens)
-    generation = generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample, should_stop)
+    generation = generate_settings(model, pad_id, eos_ids, temperature, top_p, do_sample) | {
+        "max_new_tokens": segment_tokens}
     stop_rule = dict(max_depth=max_depth, eos_ids=eos_ids, repeat=(repeat_length, repeat_count), tokenizer=tokenizer)
     was_training = model.training
     model.eval()
     try:
+        check_branchable(model, roots[0].tokens, generation)
         starts = roots
         while starts:  # the first phase grows from the prompts; later ones are fallback re-branches
             grow_budgeted(model, starts, width=width, divergence=divergence, pad_id=pad_id, stop_rule=stop_rule,
                           fallback=starts is not roots, logprob_temperature=temperature if return_logprobs else None,
-                          should_stop=should_stop, **generation)
+                          **generation)
             starts = fallback_starts(roots, width, max_depth) if fallback else []
     finally:
         model.train(was_training)
@@ -101,7 +102,7 @@ def sample_budgeted_trees(model, tokenizer, prompts: list[str], *, width: int, d
 
 @torch.no_grad()
 def grow_budgeted(model, starts, *, width, divergence, pad_id, stop_rule, fallback, logprob_temperature,
-                  should_stop=None, **generation):
+                  **generation):
     """Grow one phase, in place: from `starts` (one node in each of some trees) level by level,
     one batched `generate` a level, until every path of the phase has stopped. fallback: mark the
     phase's first nodes as fallback branches."""
@@ -126,7 +127,6 @@ def grow_budgeted(model, starts, *, width, divergence, pad_id, stop_rule, fallba
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model, cache),
                              logits_processor=LogitsProcessorList([recorder] if recorder else []),
                              return_dict_in_generate=True, **generation)
-        stop_point(should_stop)
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W)
         logprobs = recorder.result(out.sequences) if recorder else None
         children = as_budgeted(add_children(parents, new_tokens, logprobs, stop_rule["eos_ids"],

@@ -18,13 +18,9 @@ nodes are segments of at most L generated tokens; every node gets N fresh contin
    by its node's A; a segment shared by many leaves counts once. By default each tree is packed
    into one row under a tree attention mask, so every token is also forwarded once.
 
-With depth=1 the tree is N independent answers to the prompt and TreeRPO is exactly GRPO.
-The four sections below follow these steps; the guards and compatibility helpers come last.
-Models: any Hugging Face causal LM whose generation state is a KV cache (`DynamicCache`); state-space,
-hybrid and encoder-decoder models are refused. Packed rows need an attention that takes a 4D mask
-(sdpa, eager) and no sliding window shorter than a path (Mistral, Gemma): elsewhere the loss trains
-leaf paths, with the same result. A forward without `logits_to_keep` works too, computing every
-position's logits (more memory). The families tested are in the README ("Which models").
+With depth=1 the tree is N independent answers to the prompt and TreeRPO is exactly GRPO. The
+sections below follow these steps; the checks and model switches come last. Any Hugging Face
+causal LM runs: what a model can do is measured on a few of its own tokens, not read off its name.
 """
 
 import contextlib
@@ -35,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 NORMS = ("std", "bernoulli", "none")
 ROOT_TERMS = (None, "treerl", "grpo")
@@ -84,73 +80,39 @@ def response_tokens(node: TreeNode) -> list[int]:
 
 
 def sample_trees(model, tokenizer, prompts: list[str], *, branch: int | list[int], depth: int,
-                 segment_tokens: int | list[int],
-                 temperature: float = 1.0, top_p: float = 1.0, do_sample: bool = True,
-                 return_logprobs: bool = False, max_rows: int = 4096, should_stop=None) -> list[TreeNode]:
-    """Sample one tree per prompt; returns the roots.
+                 segment_tokens: int | list[int], temperature: float = 1.0, top_p: float = 1.0,
+                 do_sample: bool = True, return_logprobs: bool = False, max_rows: int = 4096) -> list[TreeNode]:
+    """Sample one tree per prompt; returns the roots. Runs in eval mode (restored after), without grad.
 
-    prompts: already-templated text, tokenized without special tokens (a chat template writes its
-        own BOS). Every node below the root has `branch` children until `depth`, or until its segment
-        ends in EOS. Segments are at most `segment_tokens` long; only EOS ends one early.
-    branch, segment_tokens: one number for every level, or a list of one a level (depth of them):
-        branch=[8, 2] samples eight openings and two continuations of each.
-    return_logprobs: record, per segment token, log p under softmax(logits / temperature), the
-        distribution sampled from when top_p = 1. `backward_loss` uses the same definition.
-    max_rows: refuse, before anything is allocated, a last level that could need more rows (prompts
-        x branch ** depth), each with its KV cache. Runs under no_grad in eval mode (mode restored).
-    should_stop: a function of nothing, checked at every generated token: when it returns True,
-        sampling ends there and StopRequested is raised (a training loop's Ctrl-C).
-    """
-    check_sampling_args(prompts, temperature, top_p, do_sample, depth=depth)
-    branches, segments = per_level("branch", branch, depth), per_level("segment_tokens", segment_tokens, depth)
-    check_branchable(model)
-    check_rows(len(prompts) * math.prod(branches), max_rows, f"{len(prompts)} prompts x branch {branch} ** depth {depth}"
-               if isinstance(branch, int) else f"{len(prompts)} prompts x branches {branches}")
+    prompts: templated text, tokenized without special tokens (a chat template writes its own BOS).
+    Every node has `branch` children until `depth`, or until its segment ends in an EOS (the tokenizer's
+    or the model's generation_config's). branch, segment_tokens: one number, or one a level ([8, 2]).
+    return_logprobs: record each token's log p under softmax(logits / temperature), as the loss takes it.
+    max_rows: refuse a tree whose last level could need more rows (prompts x branch ** depth)."""
+    branches, segments = check_sampling_args(prompts, temperature, top_p, do_sample, branch, depth, segment_tokens,
+                                             max_rows)
     pad_id, eos_ids = special_ids(model, tokenizer)
     prompt_ids = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
     check_lengths(model, prompt_ids, sum(segments))
-
+    generation = generate_settings(model, pad_id, eos_ids, temperature, top_p, do_sample)
     roots = [TreeNode(tokens=ids) for ids in prompt_ids]
     input_ids, attention_mask = pad_rows(prompt_ids, pad_id, side="left", device=model.device)  # (B, P)
-    generation = generate_settings(model, pad_id, eos_ids, segments[0], temperature, top_p, do_sample, should_stop)
     was_training = model.training
     model.eval()  # sampling is inference: no dropout, and gradient checkpointing would turn the cache off
     try:
+        check_branchable(model, prompt_ids[0], generation)
         grow_trees(model, roots, input_ids, attention_mask, branches=branches, segments=segments, eos_ids=eos_ids,
-                   logprob_temperature=temperature if return_logprobs else None, should_stop=should_stop,
-                   **generation)
+                   logprob_temperature=temperature if return_logprobs else None, **generation)
     finally:
         model.train(was_training)
     return roots
 
 
-def generate_settings(model, pad_id, eos_ids, segment_tokens, temperature, top_p, do_sample,
-                      should_stop=None) -> dict:
-    """`generate`'s keyword arguments: L tokens from softmax(logits / temperature) (top_p if < 1),
-    ended at the next token when should_stop() is true."""
-    for name, neutral in REFUSED_GENERATION.items():
-        value = getattr(model.generation_config, name, None)
-        if value is not None and value != neutral:
-            raise ValueError(f"model.generation_config.{name} = {value!r} would change what is sampled or recorded; "
-                             f"set it to {neutral!r} to sample trees")
-    generation = dict(max_new_tokens=segment_tokens, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
-                      do_sample=do_sample, repetition_penalty=1.0,  # 1.0 overrides a model's default
-                      cache_implementation=None,  # the tree brings its own cache (Gemma's configs name "hybrid")
-                      **no_router_logits(model))
-    if do_sample:  # top_k=0 too: the distribution sampled is the one recorded
-        generation.update(temperature=temperature, top_p=top_p, top_k=0)
-    if should_stop is not None:
-        generation["stopping_criteria"] = StoppingCriteriaList([StopWhen(should_stop)])
-    return generation
-
-
 @torch.no_grad()
 def grow_trees(model, roots, input_ids, attention_mask, *, branches, segments, eos_ids, logprob_temperature,
-               should_stop=None, **generation):
-    """Add a level of children under `roots` for each of `branches` (children a node) and `segments`
-    (tokens a segment), in place. input_ids, attention_mask: (B, P), the left-padded prompts.
-    generation: `generate`'s keyword arguments. logprob_temperature: record log-probs at this
-    temperature, or None. should_stop: see sample_trees."""
+               **generation):
+    """Add a level of children under `roots` for each of `branches` and `segments`, in place.
+    input_ids, attention_mask: (B, P), the left-padded prompts; generation: `generate`'s keywords."""
     frontier = roots  # the nodes whose children the next level samples, one row each
     cache = encode_prompts(model, input_ids, attention_mask)
     for level, (branch, segment_tokens) in enumerate(zip(branches, segments), start=1):
@@ -163,8 +125,7 @@ def grow_trees(model, roots, input_ids, attention_mask, *, branches, segments, e
         recorder = SampledLogprobs(logprob_temperature) if logprob_temperature else None
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **cache_argument(model, cache),
                              logits_processor=LogitsProcessorList([recorder] if recorder else []),
-                             return_dict_in_generate=True, **(generation | {"max_new_tokens": segment_tokens}))
-        stop_point(should_stop)  # before the rows it cut short become nodes
+                             return_dict_in_generate=True, max_new_tokens=segment_tokens, **generation)
         new_tokens = out.sequences[:, input_ids.shape[1]:]  # (rows, W), W < L only if every row hit EOS
         logprobs = recorder.result(out.sequences) if recorder else None  # (rows, W)
         children = add_children(parents, new_tokens, logprobs, eos_ids, segment_tokens)
@@ -181,76 +142,28 @@ def grow_trees(model, roots, input_ids, attention_mask, *, branches, segments, e
 
 
 def encode_prompts(model, input_ids, attention_mask) -> DynamicCache:
-    """Prefill a cache with every prompt token but the last.  input_ids, attention_mask: (B, P).
-    `generate` encodes only what the cache has not seen, so each level feeds just the newest token;
-    the last prompt token is left to `generate`, which needs its logits to draw the first new one."""
+    """A cache of every prompt token but the last (input_ids, attention_mask: (B, P)). `generate` feeds
+    only what the cache has not seen, and needs the last token's logits to draw the first new one."""
     cache = DynamicCache(config=model.config)
-    if input_ids.shape[1] > 1:
-        # logits_to_keep=1: skip the (B, P, vocab) logits nobody reads (GBs for a 151k vocabulary).
-        model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids(attention_mask[:, :-1]),
-              **cache_argument(model, cache), use_cache=True, **logits_to_keep(model, 1), **no_router_logits(model))
+    if input_ids.shape[1] > 1:  # logits_to_keep=1: skip (B, P, vocab) logits nobody reads
+        model(input_ids[:, :-1], attention_mask=attention_mask[:, :-1], use_cache=True,
+              position_ids=position_ids(attention_mask[:, :-1]), **cache_argument(model, cache),
+              **logits_to_keep(model, 1), **no_router_logits(model))
     return cache
 
 
-class StopRequested(Exception):
-    """Raised at a safe point once `should_stop()` says so: between generated tokens (the unfinished
-    trees are dropped) or between the loss's forwards (its gradients so far are partial: zero them)."""
-
-
-class StopWhen(StoppingCriteria):
-    """Ends `generate` at the next token, every row at once, when should_stop() is true."""
-
-    def __init__(self, should_stop):
-        self.should_stop = should_stop
-
-    def __call__(self, input_ids, scores, **kwargs):  # (rows, T) -> (rows,) bool: done
-        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
-
-
-def stop_point(should_stop):
-    if should_stop is not None and should_stop():
-        raise StopRequested
-
-
-class SampledLogprobs(LogitsProcessor):
-    """Records log p(drawn token) under softmax(logits / temperature) while `generate` runs. It sees
-    a step's logits before the token is drawn and the token at the next call, so it holds one
-    (rows, vocab) step at a time, where `output_logits=True` keeps all (GBs for a 151k vocabulary)."""
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-        self.pending = None  # (rows, V) log-probs of the step whose token is not drawn yet
-        self.steps = []  # one (rows,) tensor per step: log p of the drawn token
-
-    def __call__(self, input_ids, scores):  # input_ids: (rows, T), scores: (rows, V)
-        self._take(input_ids[:, -1])
-        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores  # unchanged: this processor only watches
-
-    def _take(self, drawn_tokens):
-        if self.pending is not None:
-            self.steps.append(self.pending.gather(1, drawn_tokens[:, None]).squeeze(1))
-
-    def result(self, sequences):
-        """(rows, W) log-probs of the W drawn tokens; `sequences` is generate's output."""
-        self._take(sequences[:, -1])
-        return torch.stack(self.steps, dim=1)
-
-
 def add_children(parents, new_tokens, logprobs, eos_ids, segment_tokens) -> list[TreeNode]:
-    """Attach row r of `new_tokens` (rows, W) as a child of parents[r]; returns the children. A
-    segment runs up to and including its first EOS (trained on: it is the model's decision to
-    stop); what follows is generate's padding and is dropped."""
+    """Attach row r of `new_tokens` (rows, W) as a child of parents[r]; returns the children. A segment
+    runs up to and including its first EOS (the model's decision to stop); generate's padding is dropped."""
     children = []
     for row, parent in enumerate(parents):
         tokens = new_tokens[row].tolist()
         eos_at = next((i for i, token in enumerate(tokens) if token in eos_ids), None)
-        finished = eos_at is not None
-        length = eos_at + 1 if finished else len(tokens)
-        if not finished and length < segment_tokens:  # pads would become tokens: refuse, loudly
+        length = eos_at + 1 if eos_at is not None else len(tokens)
+        if eos_at is None and length < segment_tokens:  # pads would become tokens: refuse, loudly
             raise RuntimeError("generate stopped a row before EOS and before segment_tokens; "
                                "check the model's generation_config (stop_strings, max_length)")
-        child = TreeNode(tokens=tokens[:length], parent=parent, depth=parent.depth + 1, finished=finished,
+        child = TreeNode(tokens=tokens[:length], parent=parent, depth=parent.depth + 1, finished=eos_at is not None,
                          logprobs=logprobs[row, :length].tolist() if logprobs is not None else None)
         parent.children.append(child)
         children.append(child)
@@ -271,35 +184,54 @@ def assign_advantages(root: TreeNode, *, norm: str = "std", tau: float = 0.1, ep
     root_term: None (TreeRPO as published), or also compare each node v with the whole question,
                so that a tied group under a good opening still trains (n: the leaves under v):
         "treerl": A(v) = (V(v) - V(root) + V(v) - V(parent)) / sqrt(n)   (TreeRL, AttnRL; norm, tau unused)
-        "grpo":   A(v) = (V(v) - V(root)) / std(the tree's leaf rewards) + the sibling A above (or 0 if tied)
+        "grpo":   A(v) = (V(v) - V(root)) / std(the tree's leaf rewards) + the sibling A above (0 if tied)
                   (Tree-GRPO's GRPO over the question's answers plus one within each group)
         Both set weight = n: the sources train every leaf's path, a shared segment once per leaf below it.
         A node whose A is 0 is not trained (None).
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if root_term not in ROOT_TERMS:
-        raise ValueError(f"root_term must be one of {ROOT_TERMS}, got {root_term!r}")
-    _assign_values(root)
+    if norm not in NORMS or root_term not in ROOT_TERMS:
+        raise ValueError(f"norm must be one of {NORMS} and root_term one of {ROOT_TERMS}, got {norm!r}, {root_term!r}")
+    assign_values(root)
     root.advantage = None  # the root has no siblings
     for group in [node.children for node in nodes(root) if node.children]:
         values = [child.value for child in group]
-        if max(values) - min(values) < tau:
-            advantages = [None] * len(group)
-        else:
-            advantages = group_advantages(values, norm=norm, eps=eps)
-            if not all(map(math.isfinite, advantages)):  # e.g. rewards near 1e308 overflow the mean
-                raise ValueError(f"the children of a depth-{group[0].depth - 1} node have values {values} and "
-                                 "non-finite advantages: rewards this large overflow; scale them down")
+        advantages = [None] * len(group) if max(values) - min(values) < tau else group_advantages(values, norm, eps)
+        if not all(math.isfinite(advantage) for advantage in advantages if advantage is not None):
+            raise ValueError(f"the children of a depth-{group[0].depth - 1} node have values {values} and "
+                             "non-finite advantages: rewards this large overflow; scale them down")
         for child, advantage in zip(group, advantages):
             child.advantage = advantage
     if root_term is not None:
         add_root_term(root, root_term, eps)
 
 
+def assign_values(node: TreeNode) -> float:
+    """V(leaf) = its reward, V(node) = the mean of its children's V, set under `node`; returns V(node)."""
+    values = [assign_values(child) for child in node.children] or [reward_of(node)]
+    node.value = sum(values) / len(values)
+    return node.value
+
+
+def group_advantages(values: list[float], norm: str = "std", eps: float = 1e-6) -> list[float]:
+    """GRPO's advantages for one group of sibling values (a pair gets +-0.71 under std, whatever its gap).
+
+    std:       A = (V - mean) / (std + eps), std with Bessel's correction (as torch.std, TRL's GRPO)
+    bernoulli: A = (V - mean) / (mean (1 - mean) + eps): the Bernoulli variance, not its std (a choice)
+    none:      A = V - mean
+
+    >>> [round(a, 3) for a in group_advantages([1.0, 0.0, 0.0, 1.0])]
+    [0.866, -0.866, -0.866, 0.866]
+    >>> [round(a, 3) for a in group_advantages([1.0, 0.0, 0.0, 0.0], norm="bernoulli")]
+    [4.0, -1.333, -1.333, -1.333]
+    """
+    mean, std = mean_and_std(values)
+    scale = {"std": std + eps, "bernoulli": mean * (1 - mean) + eps, "none": 1.0}[norm]
+    return [(value - mean) / scale for value in values]
+
+
 def add_root_term(root: TreeNode, form: str, eps: float = 1e-6) -> None:
     """The root term of `assign_advantages` (its docstring), on a tree with values and sibling advantages."""
-    scale = mean_and_std([reward_of(leaf) for leaf in leaves(root)])[1] + eps if form == "grpo" else 1.0
+    scale = mean_and_std([leaf.value for leaf in leaves(root)])[1] + eps if form == "grpo" else 1.0
     for node in nodes(root)[1:]:
         below = len(leaves(node))
         if form == "treerl":
@@ -309,72 +241,151 @@ def add_root_term(root: TreeNode, form: str, eps: float = 1e-6) -> None:
         node.advantage, node.weight = (advantage if abs(advantage) > 1e-9 else None), below
 
 
-def _assign_values(node: TreeNode) -> float:
-    if not node.children:
-        node.value = reward_of(node)
-    else:
-        child_values = [_assign_values(child) for child in node.children]
-        node.value = sum(child_values) / len(child_values)
-    return node.value
-
-
-def group_advantages(values: list[float], norm: str = "std", eps: float = 1e-6) -> list[float]:
-    """GRPO's advantages for one group of sibling values.
-
-    std:       A = (V - mean) / (std + eps), std with Bessel's correction (as torch.std, TRL's GRPO)
-    bernoulli: A = (V - mu) / (mu (1 - mu) + eps), mu = mean: divided by the Bernoulli *variance*,
-               not its std, so for 0/1 values A is 1 / sqrt(mu (1 - mu)) times the population-std
-               norm's (2x at mu = 1/2, 3x at mu = 1/8). A choice, kept for comparison: no source
-               that could be read here uses it.
-    none:      A = V - mean
-
-    A pair of different values always gets +-1/sqrt(2) = +-0.71 under std, however close they
-    are: the mean is halfway, and the std of two values is their gap / sqrt(2). Only N >= 3 (or
-    norm="none") makes the size of a gap count; tau decides which pairs count at all.
-
-    >>> [round(a, 3) for a in group_advantages([1.0, 0.0, 0.0, 1.0])]
-    [0.866, -0.866, -0.866, 0.866]
-    >>> [round(a, 3) for a in group_advantages([1.0, 0.0, 0.0, 0.0], norm="bernoulli")]
-    [4.0, -1.333, -1.333, -1.333]
-    """
-    mean, std = mean_and_std(values)
-    centred = [value - mean for value in values]
-    if norm == "std":
-        return [c / (std + eps) for c in centred]
-    if norm == "bernoulli":
-        return [c / (mean * (1 - mean) + eps) for c in centred]
-    if norm == "none":
-        return centred
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-
-
 def scale_by_step(roots: list[TreeNode], eps: float = 1e-6) -> None:
-    """The "step" norm: run assign_advantages(root, norm="none") on every tree of a step, then this,
-    which divides every kept advantage V - mean(siblings) by their root mean square over the step.
-
-    Under std a group's advantages ignore the size of its gap: first-level values (0.25, 0, 0, 0),
-    one right leaf in 16, give their opening the same +1.5 as (1, 0, 0, 0), four right of four.
-    Without a norm the gap counts, but the advantages' scale, and so the step the learning rate
-    takes, shrinks with the gaps. One divisor for the whole step keeps the gaps in proportion and
-    the scale at 1, as under std: GRPO's group mean with a batch's std, the pairing LitePPO uses
-    (arXiv 2508.08221). Tested against std in docs/signal.md.
-    """
+    """The "step" norm: after assign_advantages(root, norm="none") on a step's trees, divide every kept
+    advantage by their root mean square over the step. Under std, (0.25, 0, 0, 0) and (1, 0, 0, 0) give
+    their first node the same +1.5; here the second gets 4x the first, and the scale stays 1."""
     kept = [node for root in roots for node in nodes(root)[1:] if node.advantage is not None]
-    if kept:
-        scale = math.sqrt(sum(node.advantage ** 2 for node in kept) / len(kept))
-        for node in kept:
-            node.advantage /= scale + eps
+    scale = math.sqrt(sum(node.advantage ** 2 for node in kept) / max(len(kept), 1))
+    for node in kept:
+        node.advantage /= scale + eps
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float]:
     """Mean and standard deviation with Bessel's correction (as torch.std); std 0 for one value."""
     mean = sum(values) / len(values)
-    variance = sum((value - mean) ** 2 for value in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(variance)
+    return mean, math.sqrt(sum((value - mean) ** 2 for value in values) / max(len(values) - 1, 1))
 
 
 # ----------------------------------------------------------------------------------------------
 # 4. The loss: PPO-clip on every kept node's tokens, each node counted once
+
+
+def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: float = 0.0, clip_eps: float = 0.2,
+                  temperature: float = 1.0, packed: bool | None = None, max_row_tokens: int = 4096,
+                  micro_batch_size: int = 8, total_tokens: float | None = None,
+                  keep_logprobs: bool = False) -> tuple[float, dict]:
+    """The TreeRPO loss over scored trees, back-propagated forward by forward (memory holds one forward's
+    activations); the caller clips the gradient and steps the optimizer. Returns (loss, stats).
+
+    The loss is the weighted mean over the counted tokens. What a caller must get right:
+    temperature: the one sampled at (log-probs are taken under softmax(logits / T));
+    ref_model (kl_coef > 0): a frozen copy of the start that computes as the policy does, e.g.
+        copy.deepcopy(model).requires_grad_(False); and the model's dropout off, as when it sampled.
+    Old log-probs (PPO's ratio) are each node's `logprobs`; where none are set the ratio is exactly 1.
+    keep_logprobs: write this pass's log-probs into the trained nodes, the old ones of later passes.
+    packed: True trains `packed_rows` (a tree mask, rows of at most max_row_tokens); False trains
+        `leaf_path_rows` (micro_batch_size a forward); None: packed where `can_pack` measures it right.
+    total_tokens: the divisor, by default `counted_tokens(trees)` (data-parallel: the whole batch's)."""
+    check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens)
+    models = [model] + ([ref_model] if kl_coef else [])
+    packed = can_pack(models, trees, packed, model.device)
+    heads = [plain_output_head(each, trees, model.device) for each in models]  # chunked where exactly head(hidden)
+    if packed:
+        batches = [[row] for root in trees for row in packed_rows(root, max_row_tokens)]
+    else:
+        rows = sorted((row for root in trees for row in leaf_path_rows(root)), key=lambda row: len(row["tokens"]))
+        batches = [rows[start:start + micro_batch_size] for start in range(0, len(rows), micro_batch_size)]
+    generated = [node for root in trees for node in nodes(root)[1:]]
+    kept = [node for node in generated if node.advantage is not None]
+    tokens = sum(sum(row["weights"]) for batch in batches for row in batch)  # = counted_tokens(trees)
+    divisor = tokens if total_tokens is None else total_tokens
+    if not divisor >= tokens:
+        raise ValueError(f"total_tokens={total_tokens} is less than these trees' {tokens} counted tokens")
+    stats = {"tokens": tokens, "kept_nodes": len(kept), "pruned_nodes": len(generated) - len(kept),
+             "mean_abs_advantage": sum(abs(node.advantage) for node in kept) / max(len(kept), 1),
+             "positions": sum(len(row["tokens"]) for batch in batches for row in batch), "forwards": len(batches),
+             "logit_positions": 0, "kl": 0.0, "clip_fraction": 0.0, "packed": packed}
+    total_loss = 0.0
+    for rows in batches:
+        batch = collate(rows, model.device, packed)
+        columns = (batch["weights"] > 0).any(0).nonzero().squeeze(1)  # (K,) columns where some row is trained
+        inputs = (batch["input_ids"], batch["attention_mask"], temperature, columns, batch["previous"][columns],
+                  batch["positions"])
+        logprobs = token_logprobs(model, *inputs, head=heads[0])  # (rows, K)
+        with torch.no_grad():
+            ref_logprobs = token_logprobs(ref_model, *inputs, head=heads[1]) if kl_coef else None
+        old_logprobs = batch["old_logprobs"][:, columns]
+        old_logprobs = torch.where(old_logprobs.isnan(), logprobs.detach(), old_logprobs)
+        if keep_logprobs:
+            keep_node_logprobs(rows, columns, logprobs.detach())
+        loss_sum, sums = ppo_clip_loss(logprobs, old_logprobs, batch["advantages"][:, columns],
+                                       batch["weights"][:, columns], ref_logprobs, clip_eps, kl_coef)
+        stats["logit_positions"] += logprobs.numel()
+        (loss_sum / divisor).backward()
+        total_loss += loss_sum.item() / divisor
+        stats["kl"] += sums["kl"] / divisor
+        stats["clip_fraction"] += sums["clipped"] / divisor
+    return total_loss, stats
+
+
+def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None, clip_eps=0.2, kl_coef=0.0):
+    """PPO's clipped surrogate with a k3 KL penalty, per token, summed with `weights` (0: not trained).
+    All inputs (rows, T). Returns (the weighted sum, {"kl": ..., "clipped": ...} weighted sums).
+        r = exp(logp - logp_old)
+        loss = -min(r A, clip(r, 1 - eps, 1 + eps) A) + kl_coef * (exp(ref - logp) - (ref - logp) - 1)
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
+    kl = torch.zeros_like(logprobs)
+    if ref_logprobs is not None:
+        log_ratio = ref_logprobs - logprobs
+        kl = torch.exp(log_ratio) - log_ratio - 1  # k3: unbiased, always >= 0
+        loss = loss + kl_coef * kl
+    # Clipped where the clip binds (its gradient is 0), as TRL counts it: r above 1 + eps with A > 0, or
+    # below 1 - eps with A < 0. Elsewhere min() takes the unclipped term and the token still trains.
+    clipped = (((ratio > 1 + clip_eps) & (advantages > 0)) | ((ratio < 1 - clip_eps) & (advantages < 0))).float()
+    return (loss * weights).sum(), {"kl": (kl.detach() * weights).sum().item(),
+                                    "clipped": (clipped * weights).sum().item()}
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, columns=None, predictors=None,
+                   positions=None, head=None, chunk_size: int = 1024):
+    """Teacher-forced log p(token | the tokens before it) under softmax(logits / temperature): (rows, K).
+
+    input_ids: (rows, T); attention_mask: (rows, T), or a packed row's (1, 1, T, T) "may attend" (bool).
+    columns: (K,) the columns scored (default 1 .. T-1); predictors: (K,) the column predicting each
+    (default t - 1); positions: (rows, T). head (`plain_output_head`): past chunk_size scored positions
+    the head runs a chunk at a time, so that the (rows, K, vocab) logits never exist at once."""
+    if columns is None:
+        columns = torch.arange(1, input_ids.shape[1], device=input_ids.device)
+    predictors = columns - 1 if predictors is None else predictors
+    positions = position_ids(attention_mask) if positions is None else positions
+    if attention_mask.dim() == 4:  # in the form this model's attention reads: policy and reference may differ
+        attention_mask = mask_for(model, attention_mask)
+    targets = input_ids[:, columns]  # (rows, K)
+    # logits_to_keep: project onto the vocabulary only where a token is scored (12x faster for Qwen's 151k).
+    keep, arguments = logits_to_keep(model, predictors), dict(attention_mask=attention_mask, position_ids=positions)
+    if len(columns) > chunk_size and head is not None:
+        with hidden_states_out(model, head):
+            hidden = model(input_ids, **arguments, **keep, **no_router_logits(model)).logits  # (rows, K, H)
+        hidden = hidden if hidden.shape[1] == len(columns) else hidden[:, predictors]  # logits_to_keep ignored
+        return torch.cat([chunk_logprobs(head, hidden[:, start:start + chunk_size],
+                                         targets[:, start:start + chunk_size], temperature)
+                          for start in range(0, len(columns), chunk_size)], dim=1)
+    logits = model(input_ids, **arguments, **keep, **no_router_logits(model)).logits  # (rows, K or T, V)
+    # K < T always (the first token has no predictor): T positions back means logits_to_keep was ignored
+    return target_logprobs(logits if logits.shape[1] == len(columns) else logits[:, predictors], targets, temperature)
+
+
+def target_logprobs(logits, targets, temperature: float):
+    """log_softmax(logits / temperature) at the targets: (rows, K, V), (rows, K) -> (rows, K)."""
+    logits = logits.float() / temperature
+    return (logits.gather(-1, targets[..., None]) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
+
+
+def chunk_logprobs(head, hidden, targets, temperature: float):
+    """target_logprobs of head(hidden) for one chunk, hidden (rows, C, H). Under autograd the chunk's
+    logits are recomputed in the backward pass (a 4,096-position row's fp32 logits: 2.5 GB a copy)."""
+    def logprobs(hidden):
+        return target_logprobs(head(hidden), targets, temperature)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return torch.utils.checkpoint.checkpoint(logprobs, hidden, use_reentrant=False)
+    return logprobs(hidden)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4b. The rows the loss forwards
 #
 # The trees go to the model as rows of tokens, laid out one of two ways with the same loss and
 # gradient. Leaf paths (`leaf_path_rows`): a row per leaf under the usual causal mask; any attention
@@ -395,8 +406,8 @@ def mean_and_std(values: list[float]) -> tuple[float, float]:
 
 
 def leaf_path_rows(root: TreeNode) -> list[dict]:
-    """A row per leaf: the prompt and the path (keys as `training_row`). Each node counts in the
-    row of the first leaf below it; a row with nothing counted is left out."""
+    """A row per leaf, the prompt and the path (keys as `training_row`); each node counts in the row of
+    the first leaf below it, and a row with nothing counted is left out."""
     rows, seen = [], set()
     for leaf in leaves(root):
         path = path_from_root(leaf)
@@ -408,11 +419,9 @@ def leaf_path_rows(root: TreeNode) -> list[dict]:
 
 
 def packed_rows(root: TreeNode, max_tokens: int) -> list[dict]:
-    """The tree in rows of at most `max_tokens` tokens (keys as `training_row`), each segment
-    counted in exactly one. The nodes with something counted at or below go in depth-first; one
-    that does not fit starts a new row that repeats its prompt and ancestors as uncounted context
-    (a row holds at least one node). Trees never share a row: attention costs the square of a
-    row's length, and another tree's tokens would only be masked out."""
+    """The tree in rows of at most `max_tokens` tokens (keys as `training_row`), each segment counted in
+    exactly one. Nodes with something counted at or below go in depth-first; one that does not fit
+    starts a new row, which repeats its prompt and ancestors as uncounted context."""
     groups, members, counted = [], [root], set()
     for node in nodes(root)[1:]:
         if not any(below.advantage is not None for below in nodes(node)):
@@ -428,13 +437,8 @@ def packed_rows(root: TreeNode, max_tokens: int) -> list[dict]:
 
 
 def training_row(members: list[TreeNode], counted: set) -> dict:
-    """One row for the loss: the segments of `members` (a root first, each node after its parent)
-    one after another up to the last node in `counted` (later tokens cannot change earlier
-    log-probs), trained where the node is in `counted`. Per token: tokens; advantages and
-    weights (the node's; 0 where not trained); old_logprobs (NaN where not recorded); positions (on
-    its own path); previous (the index of the token before it on its path, whose logits predict
-    it; -1 for a prompt's first). And the members, and the tree mask in two parts that `tree_mask`
-    expands: slots (each token's member) and sees (members x members: a sees b, b a or its ancestor)."""
+    """One row of `members`' segments (a root first, each node after its parent), trained where in `counted`:
+    per token the lists of the worked row above, advantages, weights and old_logprobs; and sees[a, b]."""
     row = {key: [] for key in ("tokens", "advantages", "weights", "old_logprobs", "positions", "previous", "slots")}
     members = members[:max(slot for slot, node in enumerate(members) if node in counted) + 1]
     row["members"], last = members, {}  # last: each member's last token index
@@ -458,156 +462,25 @@ def training_row(members: list[TreeNode], counted: set) -> dict:
     return row
 
 
-def tree_mask(row: dict) -> torch.Tensor:
-    """(T, T) boolean: token i may attend to token j (j <= i, and j's node is i's or an ancestor)."""
-    slots = torch.tensor(row["slots"])
-    return row["sees"][slots][:, slots].tril()
-
-
-def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, columns=None, predictors=None,
-                   positions=None, chunk_size: int = 1024):
-    """Teacher-forced log p(token | the tokens before it) under softmax(logits / temperature).
-
-    input_ids: (rows, T); attention_mask: (rows, T), or a packed row's (1, 1, T, T) "may attend" (bool).
-    columns: the columns t to score, (K,); by default 1 .. T-1. predictors: (K,) the column whose
-    logits predict each, by default t - 1 (in a packed row a segment's first token follows its
-    parent's last). positions: (rows, T) position ids, by default from the mask. Returns (rows, K).
-    chunk_size: past this many scored positions, the output projection runs in chunks of them
-    (where the logits are plain head(hidden)), so that the (rows, K, vocab) logits never exist at once.
-    Under autocast the head runs as the model's forward runs it (bf16), as when sampling.
-    """
-    if columns is None:
-        columns = torch.arange(1, input_ids.shape[1], device=input_ids.device)
-    predictors = columns - 1 if predictors is None else predictors
-    positions = position_ids(attention_mask) if positions is None else positions
-    if attention_mask.dim() == 4:  # in the form this model's attention reads: policy and reference may differ
-        attention_mask = mask_for(model, attention_mask)
-    targets = input_ids[:, columns]  # (rows, K)
-    # logits_to_keep: project onto the vocabulary only where a token is scored. The prompt's
-    # positions need none; with Qwen's 151k vocabulary this cut the bench's loss step 12x (CPU).
-    keep, head = logits_to_keep(model, predictors), plain_output_head(model)
-    if keep and len(columns) > chunk_size and head is not None:
-        with hidden_states_out(model, head):
-            hidden = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep,
-                           **no_router_logits(model)).logits  # (rows, K, H)
-        return torch.cat([chunk_logprobs(head, hidden[:, start:start + chunk_size],
-                                         targets[:, start:start + chunk_size], temperature)
-                          for start in range(0, len(columns), chunk_size)], dim=1)
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, **keep, **no_router_logits(model)).logits
-    return target_logprobs(logits if keep else logits[:, predictors], targets, temperature)
-
-
-def target_logprobs(logits, targets, temperature: float):
-    """log_softmax(logits / temperature) at the targets: (rows, K, V), (rows, K) -> (rows, K), without
-    materialising a second (rows, K, V) tensor of log-probs."""
-    logits = logits.float() / temperature
-    return (logits.gather(-1, targets[..., None]) - logits.logsumexp(-1, keepdim=True)).squeeze(-1)
-
-
-def chunk_logprobs(head, hidden, targets, temperature: float):
-    """target_logprobs of head(hidden) for one chunk of positions, hidden: (rows, C, H). Under autograd
-    the chunk's logits are recomputed in the backward pass instead of kept (activation
-    checkpointing): at Qwen's 151,936 tokens a 4,096-position row's fp32 logits are 2.5 GB a copy."""
-    def logprobs(hidden):
-        return target_logprobs(head(hidden), targets, temperature)
-    if torch.is_grad_enabled() and hidden.requires_grad:
-        return torch.utils.checkpoint.checkpoint(logprobs, hidden, use_reentrant=False)
-    return logprobs(hidden)
-
-
-def ppo_clip_loss(logprobs, old_logprobs, advantages, weights, ref_logprobs=None, clip_eps=0.2, kl_coef=0.0):
-    """Per-token PPO clipped surrogate with an optional k3 KL penalty, summed with `weights`.
-
-    All inputs (rows, T); weights: 0 where a token is not trained, else its node's weight (1 in
-    TreeRPO). Returns (weighted sum of per-token losses, dict of weighted sums for the stats).
-        r = exp(logp - logp_old)
-        loss = -min(r A, clip(r, 1 - eps, 1 + eps) A) + kl_coef * (exp(ref - logp) - (ref - logp) - 1)
-    A token counts as clipped where the clip binds: r > 1 + eps with A > 0, or r < 1 - eps with A < 0.
-    """
-    ratio = torch.exp(logprobs - old_logprobs)
-    loss = -torch.minimum(ratio * advantages, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages)
-    kl = torch.zeros_like(logprobs)
-    if ref_logprobs is not None:
-        log_ratio = ref_logprobs - logprobs
-        kl = torch.exp(log_ratio) - log_ratio - 1  # k3: unbiased, always >= 0
-        loss = loss + kl_coef * kl
-    # Clipped where the clip binds (its gradient is 0), as TRL counts it: r above 1 + eps with A > 0, or
-    # below 1 - eps with A < 0. Elsewhere min() takes the unclipped term and the token still trains.
-    clipped = (((ratio > 1 + clip_eps) & (advantages > 0)) | ((ratio < 1 - clip_eps) & (advantages < 0))).float()
-    return (loss * weights).sum(), {"kl": (kl.detach() * weights).sum().item(), "clipped": (clipped * weights).sum().item()}
-
-
-def backward_loss(model, trees: list[TreeNode], *, ref_model=None, kl_coef: float = 0.0, clip_eps: float = 0.2,
-                  temperature: float = 1.0, packed: bool | None = None, max_row_tokens: int = 4096,
-                  micro_batch_size: int = 8, total_tokens: float | None = None,
-                  keep_logprobs: bool = False, should_stop=None) -> tuple[float, dict]:
-    """The TreeRPO loss over scored trees, back-propagated; the caller steps the optimizer.
-    Returns (the loss value, a dict of stats).
-
-    The loss is the weighted mean over every counted token of the batch, back-propagated forward
-    by forward (each part scaled by its share of the tokens), so memory holds one forward's
-    activations. Three things a caller must get right:
-    temperature: the one the trees were sampled at: log-probs are taken under softmax(logits / T).
-    ref_model: with kl_coef > 0, a frozen copy of the starting model that computes as the policy
-        does (same weight dtype, under the same autocast), e.g. copy.deepcopy(model).requires_grad_(False).
-    the gradient: clip its norm before the optimizer steps (the demo clips to 1.0): a step's norm
-        is easily 10 on a real model.
-    Old log-probs (PPO's ratio) are each node's `logprobs`; where none are set the ratio is exactly 1
-    (plain policy gradient). keep_logprobs: write this pass's log-probs, detached, into the trained
-    nodes' `logprobs`, so that later calls on the same trees (PPO's further updates) take them as old.
-    packed: True trains `packed_rows` (rows of at most `max_row_tokens` tokens under a tree mask,
-        one a forward), which needs models that take it (`can_pack`); False trains `leaf_path_rows`,
-        `micro_batch_size` a forward, any model; None: packed where the models can.
-    total_tokens: what the loss is divided by: by default these trees' `counted_tokens`; data-parallel
-        training passes the whole batch's, then sums the processes' gradients.
-    should_stop: checked before each forward and after the last; when it returns True, StopRequested
-        is raised (the gradients accumulated so far are partial).
-    """
-    check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, max_row_tokens)
-    packed = can_pack([model] + ([ref_model] if kl_coef else []), trees, packed)
-    if packed:
-        batches = [[row] for root in trees for row in packed_rows(root, max_row_tokens)]
-    else:
-        rows = sorted((row for root in trees for row in leaf_path_rows(root)), key=lambda row: len(row["tokens"]))
-        batches = [rows[start:start + micro_batch_size] for start in range(0, len(rows), micro_batch_size)]
-    generated = [node for root in trees for node in nodes(root)[1:]]
-    kept = [node for node in generated if node.advantage is not None]
-    tokens = sum(sum(row["weights"]) for batch in batches for row in batch)  # = counted_tokens(trees)
-    divisor = tokens if total_tokens is None else total_tokens
-    if not divisor >= tokens:
-        raise ValueError(f"total_tokens={total_tokens} is less than these trees' {tokens} counted tokens")
-    stats = {"tokens": tokens, "kept_nodes": len(kept), "pruned_nodes": len(generated) - len(kept),
-             "mean_abs_advantage": sum(abs(node.advantage) for node in kept) / max(len(kept), 1),
-             "positions": sum(len(row["tokens"]) for batch in batches for row in batch), "forwards": len(batches),
-             "logit_positions": 0, "kl": 0.0, "clip_fraction": 0.0, "packed": packed}
-    total_loss = 0.0
-    for rows in batches:
-        stop_point(should_stop)
-        batch = collate(rows, model, packed)
-        columns = (batch["weights"] > 0).any(0).nonzero().squeeze(1)  # (K,) columns where some row is trained
-        inputs = (batch["input_ids"], batch["attention_mask"], temperature, columns, batch["previous"][columns],
-                  batch["positions"])
-        logprobs = token_logprobs(model, *inputs)  # (rows, K)
-        with torch.no_grad():
-            ref_logprobs = token_logprobs(ref_model, *inputs) if kl_coef else None
-        old_logprobs = batch["old_logprobs"][:, columns]
-        old_logprobs = torch.where(old_logprobs.isnan(), logprobs.detach(), old_logprobs)
-        if keep_logprobs:
-            keep_node_logprobs(rows, columns, logprobs.detach())
-        loss_sum, sums = ppo_clip_loss(logprobs, old_logprobs, batch["advantages"][:, columns],
-                                       batch["weights"][:, columns], ref_logprobs, clip_eps, kl_coef)
-        stats["logit_positions"] += logprobs.numel()
-        (loss_sum / divisor).backward()
-        total_loss += loss_sum.item() / divisor
-        stats["kl"] += sums["kl"] / divisor
-        stats["clip_fraction"] += sums["clipped"] / divisor
-    stop_point(should_stop)  # the loss is whole, the caller's update not begun
-    return total_loss, stats
+def collate(rows: list[dict], device, packed: bool) -> dict:
+    """Rows as tensors: input_ids, attention_mask, positions, advantages, weights, old_logprobs (rows, T),
+    previous (T,). Leaf paths are right-padded; a packed row brings its own positions and tree mask."""
+    input_ids, attention_mask = pad_rows([row["tokens"] for row in rows], pad_id=0, side="right")
+    width = input_ids.shape[1]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": position_ids(attention_mask),
+             "previous": torch.arange(width) - 1}
+    if packed:  # token i may attend to j <= i where j's node is i's or an ancestor
+        (row,) = rows
+        slots = torch.tensor(row["slots"])
+        batch |= {"attention_mask": row["sees"][slots][:, slots].tril()[None, None],
+                  "positions": torch.tensor([row["positions"]]), "previous": torch.tensor(row["previous"])}
+    for key, fill in (("advantages", 0.0), ("weights", 0), ("old_logprobs", math.nan)):
+        batch[key] = torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], dtype=torch.float)
+    return {key: tensor.to(device) for key, tensor in batch.items()}
 
 
 def keep_node_logprobs(rows: list[dict], columns, logprobs) -> None:
-    """Set `logprobs` of every node trained in `rows` to its tokens' log-probs: logprobs (rows, K) at
-    `columns` (K,). Each trained node is trained in one row only, so each is set once."""
+    """Set `logprobs` of each node trained in `rows` from logprobs (rows, K) at `columns` (K,)."""
     index_of = {column: k for k, column in enumerate(columns.tolist())}
     for row_logprobs, row in zip(logprobs.tolist(), rows):
         trained = {}  # slot -> the log-probs of its trained tokens, in order
@@ -620,29 +493,13 @@ def keep_node_logprobs(rows: list[dict], columns, logprobs) -> None:
 
 def counted_tokens(trees: list[TreeNode]) -> float:
     """The weight the loss averages over: every kept node's tokens, times its weight, each node once."""
-    return sum(node.weight * len(node.tokens) for root in trees for node in nodes(root)[1:] if node.advantage is not None)
-
-
-def collate(rows: list[dict], model, packed: bool) -> dict:
-    """Rows of `training_row` as tensors on the model's device: input_ids, attention_mask, positions,
-    advantages, weights, old_logprobs (rows, T), and previous (T,), the column predicting each. Leaf
-    paths are right-padded (padding is never trained) and share previous = t - 1; a packed row (one
-    a batch) brings its own positions, predecessors and tree mask (1, 1, T, T), bool."""
-    input_ids, attention_mask = pad_rows([row["tokens"] for row in rows], pad_id=0, side="right")
-    width = input_ids.shape[1]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": position_ids(attention_mask),
-             "previous": torch.arange(width) - 1}
-    if packed:
-        (row,) = rows
-        batch |= {"attention_mask": tree_mask(row)[None, None], "positions": torch.tensor([row["positions"]]),
-                  "previous": torch.tensor(row["previous"])}
-    for key, fill in (("advantages", 0.0), ("weights", 0), ("old_logprobs", math.nan)):
-        batch[key] = torch.tensor([row[key] + [fill] * (width - len(row[key])) for row in rows], dtype=torch.float)
-    return {key: tensor.to(model.device) for key, tensor in batch.items()}
+    return sum(node.weight * len(node.tokens) for root in trees for node in nodes(root)[1:]
+               if node.advantage is not None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Guards (each refuses bad input in one line before any compute) and compatibility helpers
+# Checks and model switches. A check refuses bad input in one line before the work it guards.
+# Whether a model branches, packs rows and chunks its head is measured on a few of its own tokens.
 
 
 # generation_config settings that would change the distribution `generate` samples from (the
@@ -658,53 +515,163 @@ REFUSED_GENERATION = dict(
     prompt_lookup_num_tokens=None)
 
 
-ATTENTION_LAYERS = {"full_attention", "sliding_attention"}  # layer_types whose KV cache a copy branches
+def generate_settings(model, pad_id, eos_ids, temperature, top_p, do_sample) -> dict:
+    """`generate`'s keywords: tokens from softmax(logits / temperature) (top_p if < 1), or greedy."""
+    for name, neutral in REFUSED_GENERATION.items():
+        value = getattr(model.generation_config, name, None)
+        if value is not None and value != neutral:
+            raise ValueError(f"model.generation_config.{name} = {value!r} would change what is sampled or recorded; "
+                             f"set it to {neutral!r} to sample trees")
+    generation = dict(pad_token_id=pad_id, eos_token_id=sorted(eos_ids), do_sample=do_sample,
+                      repetition_penalty=1.0,  # 1.0 overrides a model's default
+                      cache_implementation=None,  # the tree brings its own cache (Gemma's configs name "hybrid")
+                      **no_router_logits(model))
+    if do_sample:  # top_k=0 too: the distribution sampled is the one recorded
+        generation.update(temperature=temperature, top_p=top_p, top_k=0)
+    return generation
 
 
-def check_branchable(model):
-    """Refuse, in one line, a model whose generation state is not a KV cache that copying branches:
-    encoder-decoders, and state-space or hybrid models (Mamba, Jamba, Bamba, Falcon-H1, LFM2, Qwen3-Next),
-    whose recurrent state the tree's cache copies would not carry (one check per transformers version:
-    `layer_types` from 5.x, `_is_stateful` in 4.57)."""
-    config, name = getattr(model, "config", None), type(model).__name__
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{name} is an encoder-decoder model: sample_trees needs a decoder-only causal LM")
-    others = sorted(set(getattr(config, "layer_types", None) or ()) - ATTENTION_LAYERS)
-    supports_dynamic_cache = getattr(model, "_supports_default_dynamic_cache", lambda: True)
-    if others or getattr(model, "_is_stateful", False) or not supports_dynamic_cache():
-        state = f"layers of type {', '.join(others)}" if others else "a recurrent (state-space) state"
-        raise ValueError(f"{name} keeps {state}, which copying a KV cache cannot branch: sample_trees needs an "
-                         "attention-only causal LM")
+class SampledLogprobs(LogitsProcessor):
+    """Records log p(drawn token) under softmax(logits / temperature) while `generate` runs, one (rows,
+    vocab) step at a time (`output_logits=True` would keep every step's: GBs for a 151k vocabulary)."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.pending, self.steps = temperature, None, []  # steps: a (rows,) tensor a step
+
+    def __call__(self, input_ids, scores):  # (rows, T), (rows, V): logits before their token is drawn
+        self.take(input_ids[:, -1])
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores  # unchanged: this processor only watches
+
+    def take(self, drawn_tokens):
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, drawn_tokens[:, None]).squeeze(1))
+
+    def result(self, sequences):  # (rows, W): log-probs of the W drawn tokens; sequences: generate's output
+        self.take(sequences[:, -1])
+        return torch.stack(self.steps, dim=1)
 
 
-def check_rows(rows: int, max_rows: int, what: str):  # before anything is allocated
+@torch.no_grad()
+def check_branchable(model, token_ids: list[int], generation: dict):
+    """Refuse in one line a model that a copied KV cache does not branch (a recurrent state, a cache
+    that reports a wrong length, positions that ignore the padding, ...). Measured as `grow_trees` runs:
+    two prompts (4 tokens, and 2 left-padded), each cache copied twice for 2 greedy tokens, one copy of
+    each on for 2 more; every row's logits must be a fresh forward's over its own unpadded tokens."""
+    prompts = [(list(token_ids) * 4)[:4], (list(token_ids) * 4)[:2]]
+    input_ids, mask = pad_rows(prompts, generation["pad_token_id"], side="left", device=model.device)  # (2, 4)
+    greedy = {key: value for key, value in generation.items() if key not in ("temperature", "top_p", "top_k")}
+    greedy |= dict(do_sample=False, max_new_tokens=2, output_logits=True, return_dict_in_generate=True)
+    try:
+        with torch.autocast(model.device.type, enabled=False):  # in the weights' own precision
+            cache = encode_prompts(model, input_ids, mask)
+            cache.batch_repeat_interleave(2)
+            mask = mask.repeat_interleave(2, dim=0)
+            first = model.generate(input_ids=input_ids.repeat_interleave(2, dim=0), attention_mask=mask,
+                                   **cache_argument(model, cache), **greedy)
+            kept = torch.tensor([1, 3], device=model.device)  # a copy of each prompt goes on
+            cache.batch_select_indices(kept)
+            mask = torch.cat([mask, torch.ones_like(first.sequences[:, 4:])], dim=1)[kept]
+            second = model.generate(input_ids=first.sequences[kept], attention_mask=mask,
+                                    **cache_argument(model, cache), **greedy)
+            gap = 0.0
+            for row, prompt in enumerate(prompts):
+                tokens = second.sequences[row, 4 - len(prompt):]  # its own tokens, unpadded
+                fresh = model(tokens[None], **no_router_logits(model)).logits[0, len(prompt) - 1:-1].float()
+                branched = [torch.stack(first.logits, 1)[2 * row + copy] for copy in (0, 1)]
+                for logits in [torch.cat([early, torch.stack(second.logits, 1)[row]]) for early in branched]:
+                    gap = max(gap, (logits.float() - fresh).abs().max() / fresh.abs().max().clamp(min=1e-6))
+    except Exception as error:  # whatever the model raises, it cannot be branched: say so in one line
+        raise ValueError(f"{type(model).__name__} cannot be sampled as a tree: continuing a copied KV cache raised "
+                         f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}") from None
+    if not gap <= tolerance(model):
+        raise ValueError(f"{type(model).__name__} cannot be sampled as a tree: continuing a copied KV cache gave "
+                         f"other logits than a fresh forward over the same tokens (off by {gap:.1%})")
+
+
+def can_pack(models: list, trees: list[TreeNode], packed: bool | None, device) -> bool:
+    """Whether the loss packs rows: where, for each model, one packed row of the batch's longest path and
+    a 2-token branch beside it gives the two leaf paths' log-probs. A tree mask replaces a model's own,
+    so a sliding window shorter than a path, or a position bias read from a 2D mask, fails this.
+    packed=True: a ValueError if it fails."""
+    paths = [(root, leaf) for root in trees for leaf in leaves(root) if leaf is not root]
+    if packed is False or not paths:
+        return packed is not False
+    root, leaf = max(paths, key=lambda path: len(path[0].tokens) + len(response_tokens(path[1])))
+    probe, tokens = TreeNode(tokens=root.tokens), response_tokens(leaf)
+    probe.children = [TreeNode(tokens=part, parent=probe, depth=1, advantage=1.0) for part in (tokens, tokens[:2])]
+    for model in models:
+        try:
+            with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
+                packed_row, leaf_paths = [trained_logprobs(model, collate(rows, device, layout)) for layout, rows in (
+                    (True, packed_rows(probe, 2 * len(root.tokens + tokens))), (False, leaf_path_rows(probe)))]
+            gap = (packed_row - leaf_paths).abs().max().item()
+            why = f"log-probs off by {gap:.2g} from its leaf paths'"
+        except Exception as error:  # e.g. a position bias built from a 2D mask
+            gap, why = math.inf, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+        if not gap <= tolerance(model):
+            if packed:
+                raise ValueError(f"packed=True: a packed row of {type(model).__name__} gave {why}; "
+                                 "packed=False trains leaf paths, with the same result")
+            return False
+    return True
+
+
+def trained_logprobs(model, batch: dict):
+    """The log-probs of the tokens a collated batch trains, in order: (trained tokens,)."""
+    columns = (batch["weights"] > 0).any(0).nonzero().squeeze(1)
+    logprobs = token_logprobs(model, batch["input_ids"], batch["attention_mask"], 1.0, columns,
+                              batch["previous"][columns], batch["positions"])
+    return logprobs[batch["weights"][:, columns] > 0].float()
+
+
+@torch.no_grad()
+def plain_output_head(model, trees: list[TreeNode], device):
+    """The output projection where the model's logits are exactly head(last hidden state), measured on a
+    few prompt tokens (a scaled or soft-capped head's are not), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or not trees:
+        return None
+    ids = torch.tensor([trees[0].tokens[:8]], device=device)
+    try:
+        with torch.autocast(torch.device(device).type, enabled=False):
+            logits = model(ids, **no_router_logits(model)).logits
+            with hidden_states_out(model, head):
+                projected = head(model(ids, **no_router_logits(model)).logits)
+    except Exception:  # a forward that reads its head's own attributes: no chunks
+        return None
+    return head if projected.shape == logits.shape and torch.allclose(projected, logits, rtol=1e-4, atol=1e-5) else None
+
+
+def tolerance(model) -> float:
+    """How far two computations of the same numbers may differ: 1e-3 in fp32 weights, else 5e-2."""
+    weights = next(iter(getattr(model, "parameters", list)()), None)
+    return 1e-3 if weights is None or weights.dtype == torch.float32 else 5e-2
+
+
+def check_sampling_args(prompts, temperature, top_p, do_sample, branch, depth, segment_tokens, max_rows):
+    """The branches and the segment lengths, one a level; a ValueError for a bad argument or too many rows."""
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r:.80}")
+    check_count("depth", depth)
+    levels = []
+    for name, value in (("branch", branch), ("segment_tokens", segment_tokens)):
+        levels.append(list(value) if isinstance(value, (list, tuple)) else [value] * depth)
+        if len(levels[-1]) != depth:
+            raise ValueError(f"{name} has {len(levels[-1])} values for depth {depth}: give one a level, or one number")
+        for number in levels[-1]:
+            check_count(name, number)
+    check_rows(len(prompts) * math.prod(levels[0]), max_rows, f"{len(prompts)} prompts x branches {levels[0]}")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1):  # greedy reads neither temperature nor top_p
+        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], got {temperature!r} and {top_p!r}")
+    return levels
+
+
+def check_rows(rows: int, max_rows: int, what: str):
     check_count("max_rows", max_rows)
     if rows > max_rows:
         raise ValueError(f"{what} = {rows:,} rows in the last level, over max_rows={max_rows:,} (each row holds a "
                          "KV cache): sample fewer prompts per call or a smaller tree, or raise max_rows")
-
-
-def check_sampling_args(prompts, temperature, top_p, do_sample, **counts):
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
-    if not prompts:
-        raise ValueError("prompts is empty: pass at least one prompt")
-    for name, number in counts.items():
-        check_count(name, number)
-    if do_sample and not temperature > 0:  # greedy decoding reads neither temperature nor top_p
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if do_sample and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-
-
-def per_level(name: str, value, depth: int) -> list[int]:
-    """`value` for each of `depth` levels: one number for every level, or a list of `depth` numbers."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * depth
-    if len(values) != depth:
-        raise ValueError(f"{name} has {len(values)} values for depth {depth}: give one a level, or one number")
-    for number in values:
-        check_count(name, number)
-    return values
 
 
 def check_count(name, number):
@@ -713,13 +680,11 @@ def check_count(name, number):
 
 
 def special_ids(model, tokenizer) -> tuple[int, set[int]]:
-    """(pad id, EOS ids). EOS: the tokenizer's and the model's generation_config's (Qwen has two).
-    Without a pad token the EOS pads: safe, as segments are cut at their first EOS and finished rows
-    never continue, so no pad is ever read as a token."""
+    """(pad id, EOS ids): the tokenizer's EOS and the model's generation_config's (Qwen has two). Without
+    a pad token an EOS pads: segments end at their first EOS, so no pad is ever read as a token."""
     eos_ids = set()
     for eos in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if eos is not None:
-            eos_ids.update([eos] if isinstance(eos, int) else eos)
+        eos_ids.update([] if eos is None else [eos] if isinstance(eos, int) else eos)
     if tokenizer.pad_token_id is None and not eos_ids:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token; "
                          "set one, e.g. tokenizer.pad_token = tokenizer.eos_token")
@@ -731,8 +696,7 @@ def check_lengths(model, prompt_ids, response_tokens_max):
     if not all(prompt_ids):
         raise ValueError(f"prompt {[bool(ids) for ids in prompt_ids].index(False)} encodes to no tokens: "
                          "every prompt needs at least one")
-    context = getattr(model.config, "max_position_embeddings", None)
-    longest = max(len(ids) for ids in prompt_ids)
+    context, longest = getattr(model.config, "max_position_embeddings", None), max(map(len, prompt_ids))
     if context is not None and longest + response_tokens_max > context:
         raise ValueError(f"the longest prompt ({longest} tokens) + depth * segment_tokens "
                          f"({response_tokens_max}) exceeds the model's context of {context} tokens")
@@ -766,57 +730,19 @@ def check_loss_args(trees, ref_model, kl_coef, temperature, micro_batch_size, ma
 
 
 def pad_rows(rows: list[list[int]], pad_id: int, side: str, device=None):
-    """Pad token lists to one width. Returns input_ids (rows, T) and attention_mask (rows, T)."""
+    """Token lists padded to one width, on the left or right: input_ids (rows, T), attention_mask (rows, T)."""
     width = max(len(row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         columns = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        input_ids[i, columns] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, columns] = 1
+        input_ids[i, columns], attention_mask[i, columns] = torch.tensor(row, dtype=torch.long), 1
     return input_ids.to(device), attention_mask.to(device)
 
 
 def position_ids(attention_mask):
     """Positions that skip padding, so a left-padded row is encoded as if unpadded.  (rows, T)"""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def cache_argument(model, cache) -> dict:
-    """How `forward` and `generate` take a KV cache: `cache` from transformers 5.24, else `past_key_values`."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
-
-
-def can_pack(models: list, trees: list[TreeNode], packed: bool | None) -> bool:
-    """Whether the loss trains packed rows. Each model must read a custom 4D mask (sdpa, eager) and
-    slide no attention window shorter than the longest path: the tree mask replaces the model's
-    own, window included (Mistral, Gemma). packed=True: a ValueError if not."""
-    longest = max((len(root.tokens) + len(response_tokens(leaf)) for root in trees for leaf in leaves(root)), default=0)
-    for model in models:
-        attention, window = getattr(getattr(model, "config", None), "_attn_implementation", None), sliding_window(model)
-        if attention not in ("sdpa", "eager"):
-            problem = (f"attention {attention!r} takes no custom 4D mask (load the model with "
-                       "attn_implementation='sdpa' or 'eager')")
-        elif window is not None and longest > window:
-            problem = f"a path of {longest} tokens is longer than the model's sliding window of {window}"
-        else:
-            continue
-        if packed:
-            raise ValueError(f"packed=True: {problem}; packed=False trains leaf paths, with the same result")
-        return False
-    return packed is not False
-
-
-def sliding_window(model) -> int | None:
-    """The attention window a model slides on some of its layers (Mistral, Gemma 2/3, Qwen2 with
-    use_sliding_window), or None."""
-    config = getattr(model, "config", None)
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if not window or getattr(config, "use_sliding_window", True) is False or \
-            (layer_types is not None and "sliding_attention" not in layer_types):
-        return None
-    return window
 
 
 def mask_for(model, sees: torch.Tensor) -> torch.Tensor:
@@ -826,36 +752,35 @@ def mask_for(model, sees: torch.Tensor) -> torch.Tensor:
     return torch.zeros(sees.shape, device=sees.device).masked_fill(~sees, torch.finfo(torch.float32).min)
 
 
-def logits_to_keep(model, columns) -> dict:
-    """`logits_to_keep=columns` where the forward takes it (by name or **kwargs), else nothing: the
-    model then computes every position's logits (the same values, more memory)."""
+def forward_takes(model, name: str) -> bool:
     parameters = inspect.signature(getattr(model, "forward", model)).parameters
-    takes = "logits_to_keep" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    return {"logits_to_keep": columns} if takes else {}
+    return name in parameters
+
+
+def cache_argument(model, cache) -> dict:
+    """How `forward` and `generate` take a KV cache: `cache` from transformers 5.24, else `past_key_values`."""
+    return {"cache" if forward_takes(model, "cache") else "past_key_values": cache}
+
+
+def logits_to_keep(model, columns) -> dict:
+    """`logits_to_keep=columns` where the forward may take it (by name or **kwargs); a model that ignores
+    it computes every position's logits (the same values, more memory), and `token_logprobs` sees it."""
+    parameters = inspect.signature(getattr(model, "forward", model)).parameters.values()
+    return {"logits_to_keep": columns} if forward_takes(model, "logits_to_keep") or \
+        any(p.kind is p.VAR_KEYWORD for p in parameters) else {}
 
 
 def no_router_logits(model) -> dict:
-    """`output_router_logits=False` where the forward takes it (mixtures of experts): their router's
-    balancing loss reads a 2D mask and fails on a packed row's tree mask, and on a cached generation
-    step; neither sampling nor the loss needs it."""
-    parameters = inspect.signature(getattr(model, "forward", model)).parameters
-    return {"output_router_logits": False} if "output_router_logits" in parameters else {}
-
-
-def plain_output_head(model):
-    """The model's output projection when its logits are exactly head(last hidden state), else None
-    (Gemma 2's soft-capping, Cohere's and Granite's scaling, a head that is not a Linear layer)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    config = getattr(model, "config", None)
-    scaled = any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-    return head if isinstance(head, torch.nn.Linear) and not scaled else None
+    """`output_router_logits=False` where the forward takes it (mixtures of experts): their balancing
+    loss reads a 2D mask, and fails on a tree mask and on a cached step; nothing here needs it."""
+    return {"output_router_logits": False} if forward_takes(model, "output_router_logits") else {}
 
 
 @contextlib.contextmanager
 def hidden_states_out(model, head):
     """While inside, `model`'s forward returns its last hidden states in place of logits."""
-    model.set_output_embeddings(torch.nn.Identity())
     try:
+        model.set_output_embeddings(torch.nn.Identity())
         yield
     finally:
         model.set_output_embeddings(head)
