@@ -257,14 +257,15 @@ def bench_lora(name, tokenizer, vocab_size, device, *, prompts, rank=16):
     state holds after one loss step and AdamW step (weights, gradients, AdamW moments, and the KL
     reference: a second copy for full fine-tuning, the same model with adapters off for LoRA), and
     the peak memory of that step (CUDA allocations; on the CPU the process's resident growth)."""
-    from demo.models import add_lora, adapters_off
-    from train_gsm8k import Config
+    import peft
+    from demo.models import adapters_off
     figures = {}
     for mode in ("full", "lora"):
         torch.manual_seed(0)
         model = make_model(name, vocab_size, device)
         if mode == "lora":
-            model = add_lora(model, Config(lora_rank=rank), None)
+            model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                               target_modules="all-linear", task_type="CAUSAL_LM"))
             ref_model, ref_bytes = adapters_off(model), 0
         else:
             ref_model = make_model(name, vocab_size, device).requires_grad_(False)

@@ -3,7 +3,7 @@
 TRL (https://github.com/huggingface/trl) is the GRPO most people use. This script runs its
 GRPOTrainer with the settings of the README's CPU recipe for GRPO with 8 answers, and writes a
 metrics.jsonl like train_gsm8k.py's (held-out accuracy by this repository's own evaluation, seconds
-per step), so the two can be compared run by run and plotted together with `train_gsm8k.py --plot`.
+per step), so the two can be compared run by run and plotted together with `python -m pictures.plots`.
 
     pip install trl==1.16.0                                   # optional: only this script needs it
     python -m bench.bench_trl --model out/smollm2 --seed 0 --out out/peer/trl-s0
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from reward import SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, word_problems
-from demo.records import json_record
+from demo import records
 from demo.evaluation import evaluate
 from train_gsm8k import Config
 from treerpo import assign_advantages, backward_loss, leaves, pad_rows, sample_trees
@@ -160,7 +160,7 @@ def main():
                         save_strategy="no", shuffle_dataset=False, dataloader_num_workers=0,
                         per_device_train_batch_size=16, gradient_accumulation_steps=4)  # 64 answers: 8 questions a step
 
-    metrics = open(out / "metrics.jsonl", "w")
+    (out / "metrics.jsonl").write_text("")
     generate_seconds = [0.0]
     plain_generate = model.generate
 
@@ -203,16 +203,14 @@ def main():
             self.log(record)
 
         def log(self, record):
-            metrics.write(json_record(record) + "\n")
-            metrics.flush()
+            records.append(out / "metrics.jsonl", record)
 
     trainer = trl.GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                               processing_class=tokenizer, callbacks=[Record()])
     model.generate = timed_generate
     trainer.train()
-    metrics.close()
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evaluated = [record for record in records if "eval_lenient" in record]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [record for record in logged if "eval_lenient" in record]
     print(f"done: TRL {trl.__version__} GRPO, seed {args.seed}, {args.steps} steps; held-out lenient "
           + " -> ".join(f"{record['eval_lenient']:.0%}" for record in evaluated) + f"; metrics in {out / 'metrics.jsonl'}")
 

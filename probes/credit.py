@@ -17,6 +17,10 @@ of one method (folders named <method>-s<seed>) are pooled.
     python -m probes.credit --model out/smollm2 --segment-tokens 12 out/credit/treerpo-s* out/credit/grpo16-s*
     python -m probes.credit --model out/smollm2 --show 2 out/credit/treerpo-s0      # two trees, as format_tree draws them
     python -m probes.credit --summary out/credit/*-s*          # accuracy, tokens, seconds, tree shape: each run, each method
+    python -m probes.credit --model out/smollm2 --credit treerl docs/runs/credit4b/treerpo4-s0   # the same trees, credited
+                                                               # with a root term (treerl, grpo or treepo) instead
+
+--credit also prints the share of the sampled tokens that the credit trains (an advantage other than 0).
 """
 
 import argparse
@@ -25,10 +29,11 @@ import json
 import statistics
 from pathlib import Path
 
+import treepo
 from reward import intermediate_result, numbers_in, reference_answer
 from pictures.tree_text import format_tree
 from pictures.plots import read_records
-from treerpo import TreeNode
+from treerpo import TreeNode, assign_advantages, nodes
 
 CLASSES = ("right intermediate", "final answer", "wrong number", "no result yet")
 
@@ -71,22 +76,51 @@ def two_step(record: dict) -> tuple[str, str] | None:
     return intermediate, final
 
 
-def openings(run: Path, tokenizer, segment_tokens: int):
-    """(step, class, advantage or None) for every opening of every unambiguous two-step tree."""
+def credited_trees(run: Path, credit: str = "saved"):
+    """(step, tree record, root) for every saved tree, its advantages as saved, or recomputed a step at a
+    time from its rewards with another credit: "sibling" (TreeRPO), "treerl" or "grpo" (a root term of
+    treerpo.assign_advantages), or "treepo" (treepo.py's per leaf, a node the mean of its leaves')."""
+    by_step = {}
     for step, tree in saved_trees(run):
+        by_step.setdefault(step, []).append(tree)
+    for step, trees in by_step.items():
+        roots = [rebuild(tree) for tree in trees]
+        if credit == "treepo":
+            treepo.assign_treepo_advantages(roots)
+            roots = treepo.weighted_trees(roots)
+        elif credit != "saved":
+            for root in roots:
+                assign_advantages(root, root_term=None if credit == "sibling" else credit)
+        yield from ((step, tree, root) for tree, root in zip(trees, roots))
+
+
+def trained_share(run: Path, credit: str = "saved") -> float:
+    """The share of the sampled tokens whose node the credit trains (an advantage other than 0)."""
+    trained = sampled = 0
+    for _, _, root in credited_trees(run, credit):
+        for node in nodes(root)[1:]:
+            sampled += len(node.tokens)
+            trained += len(node.tokens) * bool(node.advantage)
+    return trained / sampled
+
+
+def openings(run: Path, tokenizer, segment_tokens: int, credit: str = "saved"):
+    """(step, class, advantage or None) for every opening of every unambiguous two-step tree."""
+    for step, tree, root in credited_trees(run, credit):
         known = two_step(tree)
         if known is None:
             continue
-        for child in rebuild(tree).children:
+        for child in root.children:
             tokens = child.tokens[:segment_tokens]  # a GRPO answer: its first L tokens; a tree: the segment
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             yield step, opening_class(text, tree["question"], *known), child.advantage
 
 
-def credit_table(runs: list[Path], tokenizer, segment_tokens: int) -> dict:
+def credit_table(runs: list[Path], tokenizer, segment_tokens: int, credit: str = "saved") -> dict:
     """{class: {phase: (mean advantage over trained openings, trained, all, trained with A > 0)}} over
     the runs' openings, in four phases of the runs' steps; phase "all" is every step."""
-    found = [(step, name, advantage) for run in runs for step, name, advantage in openings(run, tokenizer, segment_tokens)]
+    found = [(step, name, advantage) for run in runs
+             for step, name, advantage in openings(run, tokenizer, segment_tokens, credit)]
     spans = phases(max((step for step, _, _ in found), default=4))
     cells = {name: {phase: [] for phase in spans + ("all",)} for name in CLASSES}
     for step, name, advantage in found:
@@ -257,6 +291,8 @@ def main():
     parser.add_argument("--segment-tokens", type=int, default=12, help="a GRPO answer's opening, in tokens")
     parser.add_argument("--show", type=int, default=0, help="instead: draw this many trees of the first run")
     parser.add_argument("--summary", action="store_true", help="instead: each run's and each method's figures")
+    parser.add_argument("--credit", default="saved", choices=("saved", "sibling", "treerl", "grpo", "treepo"),
+                        help="the advantages: as saved, or recomputed from the rewards with this credit")
     args = parser.parse_args()
     if args.summary:
         missing = [run for run in args.runs if not (Path(run) / "metrics.jsonl").is_file()]
@@ -278,8 +314,10 @@ def main():
     for run in map(Path, args.runs):
         methods.setdefault(method_of(run), []).append(run)
     for method, runs in methods.items():  # the seeds of a method pooled
-        title = f"{method} ({', '.join(run.name for run in runs)})"
-        print(markdown(title, credit_table(runs, tokenizer, args.segment_tokens)) + "\n")
+        title = f"{method} ({', '.join(run.name for run in runs)}), credit: {args.credit}"
+        shares = ", ".join(f"{run.name} {trained_share(run, args.credit):.0%}" for run in runs)
+        print(markdown(title, credit_table(runs, tokenizer, args.segment_tokens, args.credit)) +
+              f"\nsampled tokens trained: {shares}\n")
 
 
 if __name__ == "__main__":

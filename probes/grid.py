@@ -6,7 +6,14 @@ temperatures and tree layouts, the same questions in every cell.
 
 A cell is TEMPERATURE:LAYOUT, the layout one NxL a level (children a node x tokens a segment):
 `4x192,4x192` is the demo's default tree, `4x96,4x288` branches earlier, `8x192,2x192` is wider at
-the first level. Each cell samples one tree per question (the first --questions of the train split
+the first level. Or TEMPERATURE:fork:MxNxT:BUDGET, forks where the answer is still open (TreeRL's
+EPTree): M whole answers of up to BUDGET tokens; in each, the N tokens the model was least sure of
+(the highest -log p of the sampled token; never a branch's first token, nor after a token that holds
+"answer", "boxed" or "####") become fork points, each given T new continuations that draw that token
+again, from the same prefix, up to the budget. An answer then splits at its fork points into a chain
+of nodes, and each fork's node has the answer's own rest and the T new ones as children. The forks
+re-encode their prefix (one prefill each) rather than crop a cache: what they sample is the same.
+Each cell samples one tree per question (the first --questions of the train split
 in the demo's seed-0 order, the demo's prompt or --system-prompt, the strict reward), with the same
 sampling seed, and reports:
     tied groups by level   sibling groups whose values span less than tau 0.1 (no loss)
@@ -29,9 +36,10 @@ from pathlib import Path
 
 import torch
 
-from demo.flags import parse_layout as layout  # the demo's --layout format
+from train_gsm8k import Config  # the demo's --layout format
 from reward import SYSTEM_PROMPTS, chat_prompt, gsm8k_reward, load_problems
-from treerpo import NORMS, assign_advantages, leaves, nodes, response_tokens, sample_trees, scale_by_step
+from treerpo import (NORMS, TreeNode, assign_advantages, generate_settings, grow_trees, leaves, nodes, pad_rows,
+                     response_tokens, sample_trees, scale_by_step, special_ids)
 
 
 def sample_cell(model, tokenizer, problems, temperature: float, branches, segments, *, system_prompt, batch,
@@ -52,6 +60,70 @@ def sample_cell(model, tokenizer, problems, temperature: float, branches, segmen
         roots += trees
         print(f"  {len(roots)}/{len(problems)} trees", flush=True)
     return roots
+
+
+MARKERS = ("answer", "boxed", "####")  # no fork after a token that holds one: the answer is being written
+
+
+def fork_points(chain: TreeNode, tokenizer, forks: int) -> list[int]:
+    """The positions of the `forks` tokens of a sampled answer with the highest -log p, in order: not the
+    first token, nor one after a token that holds an answer marker."""
+    texts = [tokenizer.decode([token]).lower() for token in chain.tokens]
+    last = next((index for index, text in enumerate(texts) if any(marker in text for marker in MARKERS)),
+                len(texts) - 1)
+    ranked = sorted(range(1, last + 1), key=lambda index: chain.logprobs[index])  # the least sure first
+    return sorted(ranked[:forks])
+
+
+def fork_cell(model, tokenizer, problems, temperature: float, chains: int, forks: int, continuations: int,
+              budget: int, *, system_prompt, batch, dtype: str, seed: int, strict: bool = True) -> list:
+    """One scored fork tree per problem (see the module's docstring); returns the roots."""
+    torch.manual_seed(seed)
+    pad_id, eos_ids = special_ids(model, tokenizer)
+    roots = []
+    for start in range(0, len(problems), batch):
+        chunk = problems[start:start + batch]
+        prompts = [chat_prompt(tokenizer, problem["question"], system_prompt) for problem in chunk]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            trees = sample_trees(model, tokenizer, prompts, branch=chains, depth=1, segment_tokens=budget,
+                                 temperature=temperature, return_logprobs=True)
+            points = [(root, chain, k) for root in trees for chain in root.children
+                      for k in fork_points(chain, tokenizer, forks)]
+            starts = [TreeNode(tokens=root.tokens + chain.tokens[:k]) for root, chain, k in points]
+            for first in range(0, len(starts), batch * chains):  # rows a call, as the answers were sampled
+                group = starts[first:first + batch * chains]
+                input_ids, mask = pad_rows([node.tokens for node in group], pad_id, side="left", device=model.device)
+                model.eval()
+                generation = generate_settings(model, pad_id, eos_ids, temperature, 1.0, True)
+                grow_trees(model, group, input_ids, mask, branches=[continuations], segments=[budget], eos_ids=eos_ids,
+                           logprob_temperature=None, **generation)
+        for root in trees:
+            split_chains(root, {chain: [(k, start) for (_, c, k), start in zip(points, starts) if c is chain]
+                                for chain in root.children}, budget)
+        for root, problem in zip(trees, chunk):
+            for leaf in leaves(root):
+                text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
+                leaf.reward = gsm8k_reward(text, problem["answer"], strict=strict)
+        roots += trees
+        print(f"  {len(roots)}/{len(problems)} trees", flush=True)
+    return roots
+
+
+def split_chains(root: TreeNode, forks: dict, budget: int):
+    """Rebuild each answer under `root` as a chain of nodes split at its fork points, each fork's node
+    with the answer's rest and the fork's continuations (cut at the answer budget) as children."""
+    root.children = []
+    for chain, points in forks.items():
+        cuts = [k for k, _ in points] + [len(chain.tokens)]
+        node = TreeNode(tokens=chain.tokens[:cuts[0]], parent=root, depth=1, finished=not points and chain.finished)
+        root.children.append(node)
+        for (k, start), end in zip(points, cuts[1:]):
+            rest = TreeNode(tokens=chain.tokens[k:end], parent=node, depth=node.depth + 1,
+                            finished=end == len(chain.tokens) and chain.finished)
+            node.children = [rest] + [TreeNode(tokens=new.tokens[:budget - k], parent=node, depth=node.depth + 1,
+                                               finished=new.finished and len(new.tokens) <= budget - k)
+                                      for new in start.children]
+            node = rest
 
 
 GAPS = (0.25, 0.5, 0.75, 1.0)  # the bins of a group's value gap (max - min): (tau, 0.25], (0.25, 0.5], ...
@@ -167,11 +239,16 @@ def main(argv=None):
     random.Random(0).shuffle(problems)  # the demo's training order at seed 0
     problems = problems[:args.questions]
     for cell in args.cells:
-        temperature, tree = cell.split(":")
-        branches, segments = layout(tree)
+        temperature, tree = cell.split(":", 1)
         print(f"cell {cell}", flush=True)
-        roots = sample_cell(model, tokenizer, problems, float(temperature), branches, segments,
-                            system_prompt=args.system_prompt, batch=args.batch, dtype=args.dtype, seed=args.seed)
+        settings_of_cell = dict(system_prompt=args.system_prompt, batch=args.batch, dtype=args.dtype, seed=args.seed)
+        if tree.startswith("fork:"):
+            shape, budget = tree.split(":")[1:]
+            roots = fork_cell(model, tokenizer, problems, float(temperature), *map(int, shape.split("x")), int(budget),
+                              **settings_of_cell)
+        else:
+            roots = sample_cell(model, tokenizer, problems, float(temperature), *Config(layout=tree).levels(),
+                                **settings_of_cell)
         cells[cell] = figures(roots, args.batch)
         if args.out:  # kept after every cell: a run stopped later keeps what it measured
             Path(args.out).mkdir(parents=True, exist_ok=True)

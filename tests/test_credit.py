@@ -38,7 +38,7 @@ def test_phases_split_the_steps_in_four():
 def test_the_credit_table_counts_positive_advantages(monkeypatch):
     found = [(1, "right intermediate", 0.5), (2, "right intermediate", -0.2), (12, "right intermediate", None),
              (12, "wrong number", -1.0)]
-    monkeypatch.setattr(credit, "openings", lambda run, tokenizer, segment_tokens: iter(found))
+    monkeypatch.setattr(credit, "openings", lambda run, tokenizer, segment_tokens, credit="saved": iter(found))
     table = credit.credit_table(["run"], tokenizer=None, segment_tokens=192)
     assert table["right intermediate"]["all"] == (pytest.approx(0.15), 2, 3, 1)  # mean of the trained, counts, A > 0
     assert table["right intermediate"][(1, 3)] == (pytest.approx(0.15), 2, 2, 1)
@@ -104,7 +104,7 @@ def test_the_grid_reports_each_cell_on_the_same_questions(tmp_path, capsys):
     cells = json.loads((tmp_path / "grid" / "cells.json").read_text())["cells"]
     assert list(cells) == ["0.7:2x4,2x4", "1.0:3x2,2x6"] and all(cell["questions"] == 3 for cell in cells.values())
     assert cells["1.0:3x2,2x6"]["groups_by_level"][0] == 3 and len(cells["0.7:2x4,2x4"]["tied_by_level"]) == 2
-    assert grid.layout("4x96,4x288") == ([4, 4], [96, 288])
+    assert grid.Config(layout="4x96,4x288").levels() == ([4, 4], [96, 288])
     grid.main(["--show", str(tmp_path / "grid")])
     shown = capsys.readouterr().out
     assert shown.strip().startswith("| cell (T: layout) |") and printed.rstrip().endswith(shown.strip())

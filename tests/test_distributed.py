@@ -15,9 +15,9 @@ import torch
 import torch.multiprocessing
 
 import train_gsm8k
-from demo import distributed
+from demo import distributed, models
 from offline.tiny import byte_tokenizer, tiny_model
-from treerpo import leaves, sample_trees
+from treerpo import backward_loss, counted_tokens, leaves, sample_trees
 
 ROOT = Path(__file__).parent.parent
 FLAGS = ["--smoke", "--kl-coef", "0.01", "--max-row-tokens", "24", "--lr", "1e-2", "--out", "unused"]
@@ -42,16 +42,23 @@ def scored_trees() -> list:
 
 
 def one_update(method: str, roots: list) -> tuple[list, list, dict]:
-    """learn() on `roots` (this process's share) from the same starting model: (the gradient
-    AdamW stepped with, the weights after, the record)."""
-    cfg, _ = train_gsm8k.parse_args(FLAGS + ["--method", method])
-    model, _ = train_gsm8k.load_model_and_tokenizer(cfg)
-    reference = train_gsm8k.reference_model(cfg, model, "cpu")
-    optimizer, gradient = torch.optim.AdamW(model.parameters(), lr=cfg.lr), []
-    step = optimizer.step
-    optimizer.step = lambda: gradient.extend(parameter.grad.clone() for parameter in model.parameters()) or step()
-    record, _ = train_gsm8k.learn(model, reference, optimizer, roots, cfg, "cpu")
-    return gradient, [parameter.detach().clone() for parameter in model.parameters()], record
+    """The demo's update as its loop runs it, from the same starting model: credit over every tree, the
+    loss over this process's share divided by the batch's count, the gradients summed, one AdamW step.
+    Returns (the gradient AdamW stepped with, the weights after, the summed figures)."""
+    cfg = train_gsm8k.parse_args(FLAGS + ["--method", method])
+    model, _ = models.load(cfg)
+    reference = models.reference_model(cfg, model, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    trees = train_gsm8k.credit(roots, cfg)
+    loss, stats = backward_loss(model, distributed.share(trees), ref_model=reference, kl_coef=cfg.kl_coef,
+                                temperature=cfg.temperature, max_row_tokens=cfg.max_row_tokens,
+                                total_tokens=counted_tokens(trees))
+    distributed.sum_gradients(model.parameters())
+    stats |= distributed.sum_numbers({"loss": loss, **{key: stats[key] for key in train_gsm8k.SUMMED}}, "cpu")
+    gradient = [parameter.grad.clone() for parameter in model.parameters()]
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    optimizer.step()
+    return gradient, [parameter.detach().clone() for parameter in model.parameters()], stats
 
 
 def worker(rank: int, world: int, port: int, folder: str, method: str, roots: list):
@@ -60,7 +67,7 @@ def worker(rank: int, world: int, port: int, folder: str, method: str, roots: li
     torch.set_num_threads(1)
     distributed.start("cpu")
     try:
-        gradient, weights, record = one_update(method, distributed.share(roots, rank, world))
+        gradient, weights, record = one_update(method, roots)
         torch.save({"gradient": gradient, "weights": weights, "record": record}, Path(folder) / f"rank{rank}.pt")
     finally:
         distributed.finish()
@@ -74,9 +81,9 @@ def free_port() -> int:
 
 @pytest.mark.parametrize("method", ["treerpo", "treepo"])
 def test_two_processes_take_the_one_process_update(tmp_path, method):
-    """Process r samples trees r, r + 2, ...; after one AdamW step both hold the weights one
-    process gets from all five trees (TreePO's whitening over the whole batch included), and the
-    record (loss, tokens, kept nodes, KL) is the whole batch's."""
+    """Process r trains trees r, r + 2, ...; after one AdamW step both hold the weights one process
+    gets from all five trees (TreePO's whitening over the whole batch included), and the loss, tokens,
+    kept nodes and KL are the whole batch's."""
     roots = scored_trees()
     expected_gradient, expected_weights, expected = one_update(method, roots)
     torch.multiprocessing.start_processes(worker, args=(2, free_port(), str(tmp_path), method, roots), nprocs=2,
@@ -87,9 +94,9 @@ def test_two_processes_take_the_one_process_update(tmp_path, method):
             torch.testing.assert_close(mine, theirs, atol=1e-7, rtol=1e-4)  # summed in another order
         for mine, theirs in zip(result["weights"], expected_weights):  # AdamW's first step is lr x g / (|g| + eps):
             torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # where |g| ~ 1e-8, last bits show at 1% of lr
-        for key in ("loss", "kl", "grad_norm", "mean_abs_advantage", "clip_fraction"):
+        for key in ("loss", "kl", "grad_norm", "clip_fraction"):
             assert result["record"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
-        for key in ("tokens", "kept_nodes", "pruned_nodes", "leaves", "reward"):
+        for key in ("tokens", "kept_nodes", "pruned_nodes"):
             assert result["record"][key] == expected[key], key
     assert expected["tokens"] > 0 and expected["forwards"] > 2
 

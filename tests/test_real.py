@@ -225,25 +225,38 @@ def test_treerpo_learns_easy_problems_in_a_few_steps(model_dir):
     model's sampled reward on them (8 answers each, the same seed before and after)."""
     import dataclasses
     import train_gsm8k
-    from demo import records
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from treerpo import backward_loss, leaves, response_tokens
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # a copy of its own: it trains
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cfg = train_gsm8k.Config(model=model_dir, data="easy", system_prompt="brief", reward="lenient", branch=2,
                              depth=3, segment_tokens=16, temperature=0.7, kl_coef=0.0, lr=3e-5, micro_batch_size=16)
     problems = reward.word_problems("easy", "train")[:4]
+    prompts = [reward.chat_prompt(tokenizer, problem["question"], cfg.system_prompt) for problem in problems]
+
+    def rewarded(roots):
+        for root, problem in zip(roots, problems):
+            for leaf in leaves(root):
+                text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
+                leaf.reward = reward.gsm8k_reward(text, problem["answer"], strict=False)
+        return roots
 
     def reward_now():
         torch.manual_seed(1)
         eight_answers = dataclasses.replace(cfg, method="grpo", width=8)  # 8 answers of up to 48 tokens
-        return records.tree_metrics(train_gsm8k.sample_and_score(model, tokenizer, problems, eight_answers, "cpu"),
-                                    "grpo")["reward"]
+        all_leaves = [leaf for root in rewarded(train_gsm8k.sample(model, tokenizer, prompts, eight_answers))
+                      for leaf in leaves(root)]
+        return sum(leaf.reward for leaf in all_leaves) / len(all_leaves)
 
     before = reward_now()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     torch.manual_seed(0)
-    for _ in range(6):
-        train_gsm8k.train_step(model, None, tokenizer, optimizer, problems, cfg, "cpu")
+    for _ in range(6):  # the demo's step: sample, reward, credit, loss, clip, AdamW
+        trees = train_gsm8k.credit(rewarded(train_gsm8k.sample(model, tokenizer, prompts, cfg)), cfg)
+        backward_loss(model.train(), trees, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
     after = reward_now()
     print(f"reward on the four problems: {before:.3f} -> {after:.3f}")  # shown with pytest -s
     assert after >= before + 0.2, f"reward on the four problems: {before:.3f} -> {after:.3f}"
