@@ -1087,7 +1087,6 @@ def test_reward_is_fast_on_long_garbage():
 
 def test_bad_data_files_are_named_with_their_line(tmp_path, capsys):
     import json
-    import train_gsm8k
     good = {"question": "Tom has 2 apples and buys 3 more. How many?", "answer": "2 + 3 = 5\n#### 5"}
     cases = {"no_answer": [good, {"question": "What?"}], "no_hashes": [good, good, {**good, "answer": "It is 5."}],
              "empty": []}
@@ -1121,7 +1120,6 @@ def solve_word_problem(question: str) -> int:
 @pytest.mark.parametrize("name, kinds", [("easy", {"gives": 0, "Each pack": 0, "Monday": 0}),
                                          ("steps", {"Then": 0, "Each pack": 0, "Monday": 0})])
 def test_word_problems_are_seeded_disjoint_and_right(name, kinds):
-    import train_gsm8k
     train, test = reward.word_problems(name, "train"), reward.word_problems(name, "test")
     assert (len(train), len(test)) == (2000, 200)
     assert train == reward.word_problems(name, "train") and test == reward.word_problems(name, "test")  # seeded

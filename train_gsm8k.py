@@ -13,8 +13,9 @@ Ctrl-C or SIGTERM lets the step under way finish, saves, and prints the command 
 second stops at once); --resume redoes everything after the last checkpoint exactly.
 
 What the demo leaves out: a learning-rate schedule and warm-up; sampling with vLLM (HF `generate` is
-slow); a stop inside a step (the step finishes first); damage to a run folder beyond its checkpoint
-files (sha256.json finds those); any data but GSM8K-format question/answer pairs.
+slow); a stop inside a step (the step finishes first); a checkpoint file whose bytes changed but still
+loads (one missing or cut short is refused); a message per phase when the GPU runs out of memory
+(docs/demo.md lists each phase's knobs); any data but GSM8K-format question/answer pairs.
 """
 
 import dataclasses

@@ -88,7 +88,7 @@ def sample_budgeted_trees(model, tokenizer, prompts: list[str], *, width: int, d
     was_training = model.training
     model.eval()
     try:
-        check_branchable(model, roots[0].tokens, generation)
+        check_branchable(model, roots[0].tokens, generation, eos_ids)
         starts = roots
         while starts:  # the first phase grows from the prompts; later ones are fallback re-branches
             grow_budgeted(model, starts, width=width, divergence=divergence, pad_id=pad_id, stop_rule=stop_rule,

@@ -100,7 +100,7 @@ def sample_trees(model, tokenizer, prompts: list[str], *, branch: int | list[int
     was_training = model.training
     model.eval()  # sampling is inference: no dropout, and gradient checkpointing would turn the cache off
     try:
-        check_branchable(model, prompt_ids[0], generation)
+        check_branchable(model, prompt_ids[0], generation, eos_ids)
         grow_trees(model, roots, input_ids, attention_mask, branches=branches, segments=segments, eos_ids=eos_ids,
                    logprob_temperature=temperature if return_logprobs else None, **generation)
     finally:
@@ -553,40 +553,32 @@ class SampledLogprobs(LogitsProcessor):
 
 
 @torch.no_grad()
-def check_branchable(model, token_ids: list[int], generation: dict):
+def check_branchable(model, token_ids: list[int], generation: dict, eos_ids: set[int]):
     """Refuse in one line a model that a copied KV cache does not branch (a recurrent state, a cache
-    that reports a wrong length, positions that ignore the padding, ...). Measured as `grow_trees` runs:
-    two prompts (4 tokens, and 2 left-padded), each cache copied twice for 2 greedy tokens, one copy of
-    each on for 2 more; every row's logits must be a fresh forward's over its own unpadded tokens."""
+    that reports a wrong length, positions that ignore the padding, ...). Measured by the sampler itself:
+    a greedy tree of two levels of 2 tokens over two prompts (4 tokens, and 2 left-padded), whose
+    recorded log-probs must be teacher forcing's over each path, unpadded."""
     prompts = [(list(token_ids) * 4)[:4], (list(token_ids) * 4)[:2]]
-    input_ids, mask = pad_rows(prompts, generation["pad_token_id"], side="left", device=model.device)  # (2, 4)
-    greedy = {key: value for key, value in generation.items() if key not in ("temperature", "top_p", "top_k")}
-    greedy |= dict(do_sample=False, max_new_tokens=2, output_logits=True, return_dict_in_generate=True)
+    roots = [TreeNode(tokens=prompt) for prompt in prompts]
+    greedy = {key: value for key, value in generation.items() if key not in ("temperature", "top_p", "top_k",
+                                                                               "max_new_tokens")}
     try:
         with torch.autocast(model.device.type, enabled=False):  # in the weights' own precision
-            cache = encode_prompts(model, input_ids, mask)
-            cache.batch_repeat_interleave(2)
-            mask = mask.repeat_interleave(2, dim=0)
-            first = model.generate(input_ids=input_ids.repeat_interleave(2, dim=0), attention_mask=mask,
-                                   **cache_argument(model, cache), **greedy)
-            kept = torch.tensor([1, 3], device=model.device)  # a copy of each prompt goes on
-            cache.batch_select_indices(kept)
-            mask = torch.cat([mask, torch.ones_like(first.sequences[:, 4:])], dim=1)[kept]
-            second = model.generate(input_ids=first.sequences[kept], attention_mask=mask,
-                                    **cache_argument(model, cache), **greedy)
+            input_ids, mask = pad_rows(prompts, generation["pad_token_id"], side="left", device=model.device)
+            grow_trees(model, roots, input_ids, mask, branches=[2, 1], segments=[2, 2], eos_ids=eos_ids,
+                       logprob_temperature=1.0, **greedy | {"do_sample": False})
             gap = 0.0
-            for row, prompt in enumerate(prompts):
-                tokens = second.sequences[row, 4 - len(prompt):]  # its own tokens, unpadded
-                fresh = model(tokens[None], **no_router_logits(model)).logits[0, len(prompt) - 1:-1].float()
-                branched = [torch.stack(first.logits, 1)[2 * row + copy] for copy in (0, 1)]
-                for logits in [torch.cat([early, torch.stack(second.logits, 1)[row]]) for early in branched]:
-                    gap = max(gap, (logits.float() - fresh).abs().max() / fresh.abs().max().clamp(min=1e-6))
+            for root in roots:
+                for node in nodes(root)[1:]:
+                    ids = torch.tensor([root.tokens + response_tokens(node)], device=model.device)
+                    forced = token_logprobs(model, ids, torch.ones_like(ids))[0, -len(node.tokens):]
+                    gap = max(gap, (forced - torch.tensor(node.logprobs, device=ids.device)).abs().max().item())
     except Exception as error:  # whatever the model raises, it cannot be branched: say so in one line
         raise ValueError(f"{type(model).__name__} cannot be sampled as a tree: continuing a copied KV cache raised "
                          f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}") from None
     if not gap <= tolerance(model):
-        raise ValueError(f"{type(model).__name__} cannot be sampled as a tree: continuing a copied KV cache gave "
-                         f"other logits than a fresh forward over the same tokens (off by {gap:.1%})")
+        raise ValueError(f"{type(model).__name__} cannot be sampled as a tree: the log-probs of tokens drawn on a "
+                         f"copied KV cache are off by {gap:.2g} from a fresh forward's over the same tokens")
 
 
 def can_pack(models: list, trees: list[TreeNode], packed: bool | None, device) -> bool:

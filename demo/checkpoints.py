@@ -1,12 +1,7 @@
-"""The run's folder: one run at a time, and one checkpoint, whole or not there.
-
-    <out>/checkpoint-000050/   the weights and tokenizer (save_pretrained), trainer_state.pt (AdamW and the
-                               random generators of every process), state.json (the step), written last
-
-A checkpoint is written under a temporary name and renamed when whole, and only then is the older one
-deleted, as HF Trainer does: a kill at any moment leaves the previous one whole. A checkpoint with a
-file missing or cut short (a disk that filled, a copy cut short) is refused in one line on --resume.
-"""
+"""The run's folder: one run at a time, and one checkpoint (the weights and tokenizer, trainer_state.pt with
+AdamW and every process's random generators, state.json), written under a temporary name and renamed when
+whole; only then is the older one deleted (as HF Trainer does). A kill at any moment leaves one whole, and
+a file missing or cut short is refused in one line on --resume."""
 
 import json
 import os

@@ -1,13 +1,7 @@
-"""Past one GPU: data-parallel under torchrun, with the same update as one process.
-
-    torchrun --standalone --nproc_per_node 4 train_gsm8k.py ...     # 4 GPUs of one node (NCCL)
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 train_gsm8k.py --smoke   # CPU processes (gloo)
-
-Question i of a step goes to process i mod P; each samples and rewards its share. The trees are
-gathered, so every process computes the same advantages and count of trained tokens; each trains its
-share of the trees, the loss divided by that global count, and the gradients are summed: every process
-takes the same AdamW step. Process 0 owns the run folder. Without torchrun each function is the identity.
-"""
+"""Past one GPU, under torchrun: question i of a step goes to process i mod P; the trees are gathered, so
+every process computes the same advantages and divides its share's loss by the batch's token count; the
+gradients are summed, so every process takes one process's AdamW step. Process 0 owns the run folder.
+Without torchrun each function is the identity."""
 
 import os
 
@@ -30,14 +24,9 @@ def processes() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
 
 
-def rank_and_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def share(items: list) -> list:
     """This process's share of a global list: items rank, rank + P, rank + 2P, ..."""
-    rank, world = rank_and_world()
-    return items[rank::world]
+    return items[dist.get_rank()::dist.get_world_size()] if dist.is_initialized() else list(items)
 
 
 def gather(items: list) -> list:

@@ -21,7 +21,10 @@ def knob(default, help: str, choices=None, at_least=None, above=None):
 
 
 def bounded(cast, at_least, above):
-    """argparse's `type` for a number within its bounds: its error is argparse's one line."""
+    """argparse's `type` for a value within its bounds, if any: its error is argparse's one line."""
+    if at_least is None and above is None:
+        return cast
+
     def parse(text):
         value = cast(text)
         if not math.isfinite(value) or (at_least is not None and value < at_least) or \
@@ -45,9 +48,8 @@ def parse_args(config_class, smoke_defaults: dict, argv, description: str):
         if knob_field.type is bool:
             parser.add_argument(flag, action="store_true", help=meta["help"])
             continue
-        numeric = knob_field.type in (int, float) and (meta["at_least"] is not None or meta["above"] is not None)
-        cast = bounded(knob_field.type, meta["at_least"], meta["above"]) if numeric else knob_field.type
-        parser.add_argument(flag, default=knob_field.default, choices=meta["choices"], type=cast,
+        parser.add_argument(flag, default=knob_field.default, choices=meta["choices"],
+                            type=bounded(knob_field.type, meta["at_least"], meta["above"]),
                             help=f"{meta['help']} (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.smoke:  # the smoke defaults, then the command line again on top
@@ -83,8 +85,7 @@ def config_problem(cfg) -> str | None:
         return f"--data {cfg.data}: one file, where a run needs two splits: a folder of train.jsonl and test.jsonl, " \
                "or TRAIN.jsonl,TEST.jsonl"
     for flag, name in (("--model", cfg.model), ("--data", cfg.data)):
-        local = [Path(part) for part in name.split(",")] if flag == "--data" and "," in name else [Path(name)]
-        if any(looks_local(str(path)) and not path.exists() for path in local):
+        if looks_local(name) and "," not in name and not Path(name).exists():
             return f"{flag} {name}: no such file or folder (a hub name is namespace/name)"
     if Path(cfg.model).is_dir() and not (Path(cfg.model) / "config.json").is_file():
         return f"--model {cfg.model}: no config.json there, so it is not a model folder (save_pretrained makes one)"
@@ -109,11 +110,7 @@ def out_problem(cfg) -> str | None:
         newest = checkpoints.newest(out)
         if newest is None:
             return f"--resume: no checkpoint in {out}; run without --resume first"
-        weights = "adapter_config.json" if cfg.lora_rank else "config.json"
-        missing = [name for name in ("state.json", "trainer_state.pt", weights) if not (newest / name).is_file()]
-        if missing:
-            return f"--resume: {newest} is damaged ({missing[0]} is missing); pass --overwrite to start over"
-        state = checkpoints.state(newest)
+        state = checkpoints.state(newest)  # a checkpoint damaged: one line here, or as its files load
         if state["processes"] != distributed.processes():
             return (f"--resume: the run in {out} ran in {state['processes']} process(es), this is "
                     f"{distributed.processes()}: resume it with as many (each process's random state is saved)")

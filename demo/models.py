@@ -1,10 +1,6 @@
-"""The models and their precision: the policy (hub name, local folder, or the offline tiny model; LoRA
-adapters if asked), its tokenizer, the frozen KL reference, and where the compute runs in bf16.
-
-The weights and AdamW stay in fp32 (at lr 1e-6, bf16 weights would round most updates away); the
-compute runs in bf16 under autocast where --dtype says so. auto: on a GPU, and on a CPU with bf16
-instructions (AVX512-BF16 or AMX); elsewhere bf16 is emulated, 5x slower than fp32 on the 0.5B.
-"""
+"""The models and their precision: the policy (LoRA adapters if asked), its tokenizer, the frozen KL
+reference. Weights and AdamW stay fp32 (at lr 1e-6 bf16 weights would round most updates away); the
+compute runs in bf16 under autocast where --dtype says so (auto: a GPU, or a CPU with bf16 instructions)."""
 
 import dataclasses
 from pathlib import Path
@@ -81,13 +77,10 @@ def trainable(model) -> list:
 
 
 def bf16(device, dtype: str) -> bool:
-    """--dtype: bf16 compute? auto: on a GPU, and on a CPU that has bf16 instructions."""
-    if dtype != "auto":
-        return dtype == "bf16"
-    if torch.device(device).type == "cuda":
-        return True
-    return any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
-                                                                       "_is_amx_tile_supported"))
+    """--dtype: bf16 compute? auto: on a GPU, and on a CPU with bf16 instructions (elsewhere emulated, slow)."""
+    cpu_has_bf16 = any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",
+                                                                               "_is_amx_tile_supported"))
+    return dtype == "bf16" or (dtype == "auto" and (torch.device(device).type == "cuda" or cpu_has_bf16))
 
 
 def autocast(device, dtype: str):
@@ -98,6 +91,6 @@ def peak_memory(device) -> dict:
     """The step's peak GPU memory in GB, then reset; nothing on a CPU."""
     if torch.device(device).type != "cuda":
         return {}
-    peak = {"gpu_max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.reset_peak_memory_stats(device)
-    return peak
+    return {"gpu_max_allocated_gb": peak}

@@ -34,11 +34,8 @@ def say(text: str, stream=None):
     stream = stream or sys.stdout
     try:
         print(text, file=stream, flush=True)
-    except (BrokenPipeError, ValueError, OSError):
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # else Python fails at exit, flushing it
-        except (OSError, ValueError):
-            pass
+    except (BrokenPipeError, OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # else Python fails at exit, flushing it
 
 
 def command(argv: list[str], flag: str | None) -> str:

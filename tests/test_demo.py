@@ -155,7 +155,7 @@ def refused(argv, capsys, monkeypatch) -> str:
     (["--steps", "-1"], "argument --steps: must be >= 0"),
     (["--kl-coef=-0.1"], "argument --kl-coef: must be >= 0"),
     (["--norm", "whiten"], "argument --norm: invalid choice: 'whiten'"),
-    (["--data", "/no/such/folder/train.jsonl,/no/such/test.jsonl"], "no such file or folder"),
+    (["--data", "/no/such/folder/train.jsonl,/no/such/test.jsonl"], "no train file at /no/such/folder/train.jsonl"),
     (["--data", "missing.jsonl"], "--data missing.jsonl: one file, where a run needs two splits"),
     (["--model", "empty"], "--model empty: no config.json there, so it is not a model folder"),
     (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),

@@ -51,8 +51,9 @@ def test_a_window_or_a_position_bias_the_tree_mask_would_lose_trains_leaf_paths(
 def test_a_model_a_copied_cache_does_not_branch_is_refused_in_one_line(tokenizer, name):
     """A recurrent state (Mamba, RWKV), positions counted past the padding (TrOCR): refused by measurement."""
     model = families.build(*FAMILIES[name])
-    with pytest.raises(ValueError, match=f"^{FAMILIES[name][1]} cannot be sampled as a tree: continuing a copied KV "
-                                         "cache (raised|gave other logits)") as refusal:
+    with pytest.raises(ValueError, match=f"^{FAMILIES[name][1]} cannot be sampled as a tree: (continuing a copied "
+                                         "KV cache raised|the log-probs of tokens drawn on a copied KV cache are off)"
+                       ) as refusal:
         sample_trees(model, tokenizer, families.PROMPTS, branch=2, depth=2, segment_tokens=4)
     assert "\n" not in str(refusal.value)
 
@@ -92,8 +93,7 @@ def test_a_generation_config_that_names_its_own_cache_still_samples(tokenizer):
     assert [response_tokens(leaves(root)[0]) for root in roots] == expected
 
 
-def test_the_checks_cost_a_few_small_forwards():
-    """check_branchable runs 3 forwards of at most 8 tokens; can_pack, forwards of about 2x the longest path."""
+def test_the_branch_check_costs_a_few_forwards_of_at_most_8_tokens():
     tokenizer = byte_tokenizer()
     model = families.build(*FAMILIES["llama"])
     lengths = []
@@ -103,4 +103,4 @@ def test_the_checks_cost_a_few_small_forwards():
     sample_trees(model, tokenizer, families.PROMPTS[:1], branch=1, depth=1, segment_tokens=1, do_sample=False)
     hook.remove()
     probe = lengths[:-2]  # the sampling itself: the prompt's prefill and one generate step
-    assert len(probe) <= 8 and all(shape[-1] <= 8 for shape in probe)
+    assert len(probe) <= 16 and all(shape[-1] <= 8 for shape in probe)

@@ -205,7 +205,6 @@ def test_one_training_step_on_real_data(model_dir, tmp_path):
 def test_the_pictures_shown_are_the_output_of_python_pictures_py_real(model_dir):
     drawn = pictures.real_pictures(model_dir)
     assert drawn in (ROOT / "docs" / "pictures.md").read_text()  # all five
-    assert drawn[drawn.index("5. The loss"):] in (ROOT / "README.md").read_text()  # the packed row
     assert "A=+" in drawn and "pruned" in drawn and "EOS" in drawn  # a tree worth looking at
 
 
