@@ -412,3 +412,36 @@ def test_several_updates_per_batch_clip_and_the_first_is_the_plain_step(tmp_path
     once, twice = records(tmp_path / "once")[1], records(tmp_path / "twice")[1]
     assert twice["updates"] == 2 and twice["clip_fractions"][0] == 0 and twice["clip_fractions"][1] > 0
     assert once["clip_fractions"] == [0] and twice["loss"] == pytest.approx(once["loss"], abs=1e-6)
+
+
+def test_in_bf16_the_first_update_clips_nothing_and_the_kl_starts_at_zero(tmp_path, monkeypatch):
+    """Under bf16 autocast generate's cached decoding and the teacher-forced loss differ, so old log-probs
+    from sampling would clip at once; the first update's own are exactly its ratio's. The reference holds
+    fp32 weights as the policy does, so before any update its k3 KL is 0."""
+    monkeypatch.setattr(train_gsm8k, "gsm8k_reward", lambda text, answer, strict=False: float(len(text) % 2))
+    for method in ("treerpo", "treepo"):
+        out = tmp_path / method
+        assert run(out, "--steps", "1", "--dtype", "bf16", "--kl-coef", "0.01", "--lr", "0.05", "--method", method,
+                   "--updates-per-batch", "2") == 0
+        step = records(out)[1]
+        assert step["tokens"] > 0 and step["clip_fractions"][0] == 0 and step["clip_fractions"][1] > 0
+        assert step["kl"] == pytest.approx(0.0, abs=1e-9)  # the first update's KL: policy = reference
+    cfg = train_gsm8k.parse_args(["--smoke", "--kl-coef", "0.001", "--out", str(tmp_path / "x")])
+    model, _ = models.load(cfg)
+    assert {p.dtype for p in models.reference_model(cfg, model, "cpu").parameters()} == {torch.float32}
+
+
+def test_records_are_strict_json(tmp_path):
+    import numpy
+    from demo import records as run_records
+    run_records.append(tmp_path / "m.jsonl", {"a": numpy.float32(0.5), "b": numpy.int64(3), "c": math.nan,
+                                              "d": -math.inf, "e": torch.tensor(2.0), "f": "text"})
+    assert json.loads((tmp_path / "m.jsonl").read_text()) == {"a": 0.5, "b": 3, "c": None, "d": None, "e": 2.0,
+                                                              "f": "text"}
+
+
+def test_a_resumed_run_without_save_trees_writes_no_trees_file(tmp_path):
+    flags = ["--smoke", "--eval-size", "2", "--save-every", "2", "--show-tree-every", "0", "--out", str(tmp_path / "run")]
+    train_gsm8k.main([*flags, "--steps", "2"])
+    train_gsm8k.main([*flags, "--steps", "4", "--resume"])
+    assert len(records(tmp_path / "run")) == 5 and not (tmp_path / "run" / "trees.jsonl").exists()
