@@ -14,6 +14,7 @@ import treerpo
 import reward
 from reward import gsm8k_reward
 from offline.tiny import byte_tokenizer, tiny_model
+from probes.families import greedy_reference  # plain HF greedy decoding, cut after the first EOS
 from pictures.tree_text import format_tree
 from treerpo import (TreeNode, assign_advantages, backward_loss, group_advantages, leaf_path_rows, leaves, nodes, scale_by_step,
                      response_tokens, sample_trees, token_logprobs)
@@ -32,15 +33,6 @@ def eos_biased(model, tokenizer, bias=3.0):
     with torch.no_grad():
         model.lm_head.bias[tokenizer.eos_token_id] = bias
     return model
-
-
-def greedy_reference(model, tokenizer, prompt, max_new_tokens):
-    """Plain HF greedy decoding of one unpadded prompt, cut after the first EOS."""
-    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    tokens = out[0, ids.shape[1]:].tolist()
-    return tokens[:tokens.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in tokens else tokens
 
 
 def teacher_forced(model, root, node, temperature=1.0):
@@ -209,7 +201,8 @@ def hand_tree():
              └─ c ── r=0 (EOS)       V(c) = 0
     """
     root = TreeNode(tokens=[1, 2])
-    a, b, c = add(root, [10]), add(root, [20]), add(root, [30], reward=0.0)
+    a, b = add(root, [10]), add(root, [20])
+    add(root, [30], reward=0.0)
     add(a, [11], 1.0), add(a, [12], 0.0)
     add(b, [21], 1.0)
     bb = add(b, [22])
@@ -1260,7 +1253,7 @@ def test_the_drawn_tree_has_a_box_a_node_coloured_by_advantage(tmp_path):
     colours = lambda share: share  # noqa: E731  the colour map's position: 0 red, 0.5 neutral, 1 green
     assert draw_tree.box_colour(a, colours) > 0.5 > draw_tree.box_colour(b, colours)
     assert draw_tree.box_colour(b.children[0], colours) == "#d9d9d9" and draw_tree.box_colour(root, colours) == "white"
-    path = draw_tree.draw_tree(root, tokenizer, str(tmp_path / "tree.png"), "a hand-made tree")
+    draw_tree.draw_tree(root, tokenizer, str(tmp_path / "tree.png"), "a hand-made tree")
     assert (tmp_path / "tree.png").read_bytes()[:4] == b"\x89PNG"
 
 

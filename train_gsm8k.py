@@ -154,7 +154,8 @@ def run(cfg, argv, out, rank, world, device, stop):
     model, tokenizer = models.load(cfg, checkpoint)
     flags.check_context(model, tokenizer, questions + held_out, cfg)
     model.to(device)
-    optimizer = torch.optim.AdamW(models.trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]  # all, or LoRA's
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ref_model = models.reference_model(cfg, model, device)
     if world > 1:  # each process samples its own answers
         torch.manual_seed(cfg.seed * 1000 + rank)
@@ -201,9 +202,9 @@ def run(cfg, argv, out, rank, world, device, stop):
                                             max_row_tokens=cfg.max_row_tokens, micro_batch_size=cfg.micro_batch_size,
                                             total_tokens=counted_tokens(trees),
                                             keep_logprobs=not updates and cfg.updates_per_batch > 1)
-            distributed.sum_gradients(models.trainable(model))
+            distributed.sum_gradients(trainable)
             stats |= distributed.sum_numbers({"loss": loss, **{key: stats[key] for key in SUMMED}}, device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(models.trainable(model), cfg.grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
             skipped = not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm))
             if stats["tokens"] and not skipped:  # never a step on a loss or gradient that is not finite
                 optimizer.step()

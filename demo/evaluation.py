@@ -21,7 +21,6 @@ def evaluate(model, tokenizer, problems: list[dict], cfg, device: str) -> dict:
             strict += gsm8k_reward(text, problem["answer"], strict=True)
             lenient += gsm8k_reward(text, problem["answer"], strict=False)
             length, cut = length + len(answer.tokens), cut + (not answer.finished)
-    sums = distributed.sum_numbers({"strict": strict, "lenient": lenient, "length": length, "cut": cut}, device)
-    return {"eval_strict": sums["strict"] / len(problems), "eval_lenient": sums["lenient"] / len(problems),
-            "eval_response_tokens": sums["length"] / len(problems), "eval_truncated": sums["cut"] / len(problems),
-            "eval_questions": len(problems)}
+    sums = distributed.sum_numbers({"eval_strict": strict, "eval_lenient": lenient, "eval_response_tokens": length,
+                                    "eval_truncated": cut}, device)
+    return {key: total / len(problems) for key, total in sums.items()} | {"eval_questions": len(problems)}

@@ -20,21 +20,6 @@ def knob(default, help: str, choices=None, at_least=None, above=None):
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above))
 
 
-def bounded(cast, at_least, above):
-    """argparse's `type` for a value within its bounds, if any: its error is argparse's one line."""
-    if at_least is None and above is None:
-        return cast
-
-    def parse(text):
-        value = cast(text)
-        if not math.isfinite(value) or (at_least is not None and value < at_least) or \
-                (above is not None and value <= above):
-            raise argparse.ArgumentTypeError(f"must be {f'>= {at_least}' if at_least is not None else f'> {above}'}")
-        return value
-    parse.__name__ = cast.__name__  # argparse names the type in its message
-    return parse
-
-
 class OneLine(argparse.ArgumentParser):
     def error(self, message):  # argparse prints its 30-line usage first; the message is what helps
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -48,8 +33,7 @@ def parse_args(config_class, smoke_defaults: dict, argv, description: str):
         if knob_field.type is bool:
             parser.add_argument(flag, action="store_true", help=meta["help"])
             continue
-        parser.add_argument(flag, default=knob_field.default, choices=meta["choices"],
-                            type=bounded(knob_field.type, meta["at_least"], meta["above"]),
+        parser.add_argument(flag, default=knob_field.default, choices=meta["choices"], type=knob_field.type,
                             help=f"{meta['help']} (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.smoke:  # the smoke defaults, then the command line again on top
@@ -67,6 +51,12 @@ def parse_args(config_class, smoke_defaults: dict, argv, description: str):
 
 def config_problem(cfg) -> str | None:
     """What is wrong with `cfg`, in one line, or None. Nothing is loaded."""
+    for knob_field in dataclasses.fields(cfg):  # the bounds; NaN and infinity are outside every one
+        value, flag, meta = getattr(cfg, knob_field.name), "--" + knob_field.name.replace("_", "-"), knob_field.metadata
+        if meta.get("at_least") is not None and not meta["at_least"] <= value < math.inf:
+            return f"argument {flag}: must be >= {meta['at_least']}"
+        if meta.get("above") is not None and not meta["above"] < value < math.inf:
+            return f"argument {flag}: must be > {meta['above']}"
     if cfg.layout and not re.fullmatch(r"[1-9]\d*x[1-9]\d*(,[1-9]\d*x[1-9]\d*)*", cfg.layout):
         return f"--layout {cfg.layout}: not one NxL a level (each 1 or more), such as 6x128,2x256"
     if (cfg.layout or cfg.root_term != "none") and cfg.method != "treerpo":

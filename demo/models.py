@@ -72,10 +72,6 @@ def adapters_off(peft_model):
     return forward
 
 
-def trainable(model) -> list:
-    return [parameter for parameter in model.parameters() if parameter.requires_grad]
-
-
 def bf16(device, dtype: str) -> bool:
     """--dtype: bf16 compute? auto: on a GPU, and on a CPU with bf16 instructions (elsewhere emulated, slow)."""
     cpu_has_bf16 = any(getattr(torch.cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported",

@@ -1,6 +1,5 @@
-"""A run's records: metrics.jsonl (one strict-JSON line a step, step 0 the evaluation before training) and,
-with --save-trees, trees.jsonl (every step's trees, for probes/credit.py); both end where the checkpoint
-does when a run resumes."""
+"""A run's records: metrics.jsonl (a strict-JSON line a step; step 0: before training) and, with --save-trees,
+trees.jsonl (every step's trees, for probes/credit.py); both end where the checkpoint does on --resume."""
 
 import json
 import math

@@ -40,11 +40,11 @@ VARIANTS = {"gpt_neo, local window 8": ("gpt_neo", dict(attention_types=[[["glob
             "falcon, ALiBi": ("falcon", dict(alibi=True)),
             "mistral, window 8": ("mistral", dict(sliding_window=8)),
             "gemma3_text, window 8": ("gemma3_text", dict(sliding_window=8))}
-# Names a family reads its shape from, beside SHAPE's: rotary and latent-attention sizes, decoder layers.
-MORE = dict(rotary_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=16, q_lora_rank=16,
-            decoder_layers=2, encoder_layers=2, decoder_attention_heads=4, encoder_attention_heads=4, d_model=64,
-            decoder_ffn_dim=64, encoder_ffn_dim=64, attention_types=[[["global"], 2]], forced_eos_token_id=None,
-            tie_word_embeddings=False)
+# Names a family reads its shape from, beside SHAPE's: layers, rotary and latent-attention sizes, decoder layers.
+MORE = dict(num_layers=2, rotary_dim=16, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=16,
+            q_lora_rank=16, decoder_layers=2, encoder_layers=2, decoder_attention_heads=4, encoder_attention_heads=4,
+            d_model=64, decoder_ffn_dim=64, encoder_ffn_dim=64, attention_types=[[["global"], 2]],
+            forced_eos_token_id=None, tie_word_embeddings=False)
 
 
 def families() -> dict[str, tuple[str, str, dict]]:

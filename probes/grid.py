@@ -53,13 +53,18 @@ def sample_cell(model, tokenizer, problems, temperature: float, branches, segmen
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
             trees = sample_trees(model, tokenizer, prompts, branch=branches, depth=len(branches),
                                  segment_tokens=segments, temperature=temperature)
-        for root, problem in zip(trees, chunk):
-            for leaf in leaves(root):
-                text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
-                leaf.reward = gsm8k_reward(text, problem["answer"], strict=strict)
-        roots += trees
+        roots += scored(trees, chunk, tokenizer, strict)
         print(f"  {len(roots)}/{len(problems)} trees", flush=True)
     return roots
+
+
+def scored(trees: list, problems: list, tokenizer, strict: bool) -> list:
+    """`trees`, every leaf rewarded for its whole answer to its problem."""
+    for root, problem in zip(trees, problems):
+        for leaf in leaves(root):
+            text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
+            leaf.reward = gsm8k_reward(text, problem["answer"], strict=strict)
+    return trees
 
 
 MARKERS = ("answer", "boxed", "####")  # no fork after a token that holds one: the answer is being written
@@ -100,11 +105,7 @@ def fork_cell(model, tokenizer, problems, temperature: float, chains: int, forks
         for root in trees:
             split_chains(root, {chain: [(k, start) for (_, c, k), start in zip(points, starts) if c is chain]
                                 for chain in root.children}, budget)
-        for root, problem in zip(trees, chunk):
-            for leaf in leaves(root):
-                text = tokenizer.decode(response_tokens(leaf), skip_special_tokens=True)
-                leaf.reward = gsm8k_reward(text, problem["answer"], strict=strict)
-        roots += trees
+        roots += scored(trees, chunk, tokenizer, strict)
         print(f"  {len(roots)}/{len(problems)} trees", flush=True)
     return roots
 
