@@ -1002,6 +1002,8 @@ def test_bad_loss_arguments_are_refused_before_any_forward(tokenizer, change, me
 def test_bad_norm_and_missing_reference_are_refused(tokenizer):
     with pytest.raises(ValueError, match="norm must be one of"):
         assign_advantages(hand_tree(), norm="zscore")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        group_advantages([1.0, 0.0], norm="Std")
     root = hand_tree()
     assign_advantages(root)
     with pytest.raises(ValueError, match="needs ref_model"):

@@ -167,8 +167,9 @@ def run(cfg, argv, out, rank, world, device, stop):
         (out / "run.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     if not checkpoint:  # the held-out score before training
         log(metrics, rank, {"step": 0, **evaluate(model, tokenizer, held_out, cfg, device)})
-    if stop.requested:
-        stops.say(f"stopped before training; start over with: {stops.command(argv, '--overwrite')}")
+    if distributed.sum_numbers({"stop": bool(stop.requested)}, device)["stop"]:  # every process stops here
+        flag = "--resume" if checkpoint else "--overwrite"  # a resumed run keeps its checkpoint
+        stops.say(f"stopped before training; go on with: {stops.command(argv, flag)}")
         raise SystemExit(130)
     started, bar = time.perf_counter(), tqdm(total=cfg.steps, initial=begin, desc="training", disable=rank > 0)
     for step in range(begin + 1, cfg.steps + 1):
@@ -203,7 +204,9 @@ def run(cfg, argv, out, rank, world, device, stop):
                                             total_tokens=counted_tokens(trees),
                                             keep_logprobs=not updates and cfg.updates_per_batch > 1)
             distributed.sum_gradients(trainable)
-            stats |= distributed.sum_numbers({"loss": loss, **{key: stats[key] for key in SUMMED}}, device)
+            mine = {"loss": loss, "abs_advantage": stats["mean_abs_advantage"] * stats["kept_nodes"]}
+            stats |= distributed.sum_numbers(mine | {key: stats[key] for key in SUMMED}, device)
+            stats["mean_abs_advantage"] = stats.pop("abs_advantage") / max(stats["kept_nodes"], 1)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
             skipped = not (math.isfinite(stats["loss"]) and math.isfinite(grad_norm))
             if stats["tokens"] and not skipped:  # never a step on a loss or gradient that is not finite
@@ -249,7 +252,7 @@ def run(cfg, argv, out, rank, world, device, stop):
                   f"questions) strict {scores['strict']}, lenient {scores['lenient']}; metrics in {metrics}")
 
 
-SUMMED = ("tokens", "kept_nodes", "pruned_nodes", "positions", "forwards", "kl", "clip_fraction")  # over processes
+SUMMED = ("tokens", "kept_nodes", "pruned_nodes", "positions", "forwards", "logit_positions", "kl", "clip_fraction")
 
 
 def sample(model, tokenizer, prompts: list[str], cfg: Config):

@@ -224,6 +224,8 @@ def group_advantages(values: list[float], norm: str = "std", eps: float = 1e-6) 
     >>> [round(a, 3) for a in group_advantages([1.0, 0.0, 0.0, 0.0], norm="bernoulli")]
     [4.0, -1.333, -1.333, -1.333]
     """
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     mean, std = mean_and_std(values)
     scale = {"std": std + eps, "bernoulli": mean * (1 - mean) + eps, "none": 1.0}[norm]
     return [(value - mean) / scale for value in values]

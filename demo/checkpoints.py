@@ -16,8 +16,7 @@ PREFIX = "checkpoint-"
 
 
 def save(out: Path, model, tokenizer, optimizer, rng: list, state: dict) -> Path:
-    """<out>/checkpoint-<step>: the model, tokenizer, optimizer, each process's random states (`rng`, by
-    rank) and `state`; returns its folder. Weights that are not finite are never saved."""
+    """Write <out>/checkpoint-<step> (model, tokenizer, optimizer, `rng` by rank, `state`); never non-finite weights."""
     if not all(torch.isfinite(parameter).all() for parameter in model.parameters()):
         raise SystemExit(f"step {state['step']}: the weights are not finite, so no checkpoint was saved")
     final = out / f"{PREFIX}{state['step']:06d}"
@@ -52,12 +51,13 @@ def restore(folder: Path, optimizer, rank: int) -> dict:
     try:
         saved = torch.load(folder / "trainer_state.pt", weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
-    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        mine = saved["rng"][rank]
+    except Exception as error:  # missing, cut short (torch's loader raises several kinds), or another layout
         raise SystemExit(damaged(folder, error))
-    torch.set_rng_state(saved["rng"][rank]["torch"])
-    random.setstate(saved["rng"][rank]["python"])
-    if saved["rng"][rank]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["rng"][rank]["cuda"])
+    torch.set_rng_state(mine["torch"])
+    random.setstate(mine["python"])
+    if mine["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda"])
     return state(folder)
 
 
@@ -67,13 +67,12 @@ def rng_state() -> dict:
 
 
 def damaged(folder: Path, error: BaseException) -> str:
-    return (f"--resume: {folder} is damaged ({type(error).__name__}: {str(error).strip().splitlines()[0][:160]}); "
-            "pass --overwrite to start over")
+    return (f"--resume: {folder} is damaged, or an earlier train_gsm8k.py's ({type(error).__name__}: "
+            f"{str(error).strip().splitlines()[0][:160]}); --overwrite starts over (its weights load with --model)")
 
 
 def hold(out: Path) -> FileLock:
-    """Hold <out>/run.lock while the run lasts; another run there is refused in one line. The operating
-    system releases the lock when the process ends, however it ends."""
+    """Hold <out>/run.lock while the run lasts (released however the process ends); another run is refused."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = FileLock(out / "run.lock", timeout=0)

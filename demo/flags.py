@@ -108,7 +108,8 @@ def out_problem(cfg) -> str | None:
             return f"--resume: the run in {out} already reached step {state['step']}; raise --steps to go on"
         return None
     if not cfg.overwrite and checkpoints.holds_run(out):
-        return f"--out {out} already holds a run: pass --resume to go on, --overwrite to start over, or another --out"
+        go_on = "--resume to go on, " if checkpoints.newest(out) else ""  # records, no checkpoint: nothing to resume
+        return f"--out {out} already holds a run: pass {go_on}--overwrite to start over, or another --out"
     return None
 
 

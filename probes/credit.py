@@ -54,7 +54,7 @@ def opening_class(text: str, question: str, intermediate: str, final: str) -> st
 
 
 def rebuild(record: dict) -> TreeNode:
-    """A tree of `train_gsm8k.tree_record` as TreeNodes (root first)."""
+    """A tree of `demo.records.trees_record` as TreeNodes (root first)."""
     built = []
     for node in record["nodes"]:
         parent = built[node["parent"]] if node["parent"] >= 0 else None

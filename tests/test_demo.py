@@ -4,6 +4,7 @@ Tiny models, offline; a smoke run takes seconds. (Faults and stops: tests/test_r
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,9 @@ def test_an_out_holding_a_run_is_refused_and_a_finished_run_is_not_resumed(tmp_p
     assert "already holds a run: pass --resume" in refused(["--out", str(out), "--device", "cpu"], capsys, monkeypatch)
     assert "already reached step 2; raise --steps" in refused(
         ["--smoke", "--steps", "2", "--resume", "--out", str(out)], capsys, monkeypatch)
+    shutil.rmtree(out / "checkpoint-000002")  # a trained step's records, no checkpoint: nothing to resume
+    assert "already holds a run: pass --overwrite" in refused(["--out", str(out), "--device", "cpu"], capsys,
+                                                              monkeypatch)
     monkeypatch.undo()
     again = run_script("--smoke", "--steps", "2", "--overwrite", "--out", str(out))  # starts over, same seed
     assert [without_timings(r) for r in again] == [without_timings(r) for r in first]

@@ -54,7 +54,9 @@ def one_update(method: str, roots: list) -> tuple[list, list, dict]:
                                 temperature=cfg.temperature, max_row_tokens=cfg.max_row_tokens,
                                 total_tokens=counted_tokens(trees))
     distributed.sum_gradients(model.parameters())
-    stats |= distributed.sum_numbers({"loss": loss, **{key: stats[key] for key in train_gsm8k.SUMMED}}, "cpu")
+    mine = {"loss": loss, "abs_advantage": stats["mean_abs_advantage"] * stats["kept_nodes"]}  # as the loop
+    stats |= distributed.sum_numbers(mine | {key: stats[key] for key in train_gsm8k.SUMMED}, "cpu")
+    stats["mean_abs_advantage"] = stats.pop("abs_advantage") / max(stats["kept_nodes"], 1)
     gradient = [parameter.grad.clone() for parameter in model.parameters()]
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
     optimizer.step()
@@ -83,7 +85,7 @@ def free_port() -> int:
 def test_two_processes_take_the_one_process_update(tmp_path, method):
     """Process r trains trees r, r + 2, ...; after one AdamW step both hold the weights one process
     gets from all five trees (TreePO's whitening over the whole batch included), and the loss, tokens,
-    kept nodes and KL are the whole batch's."""
+    kept nodes, KL and mean |advantage| are the whole batch's."""
     roots = scored_trees()
     expected_gradient, expected_weights, expected = one_update(method, roots)
     torch.multiprocessing.start_processes(worker, args=(2, free_port(), str(tmp_path), method, roots), nprocs=2,
@@ -94,9 +96,9 @@ def test_two_processes_take_the_one_process_update(tmp_path, method):
             torch.testing.assert_close(mine, theirs, atol=1e-7, rtol=1e-4)  # summed in another order
         for mine, theirs in zip(result["weights"], expected_weights):  # AdamW's first step is lr x g / (|g| + eps):
             torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=1e-4)  # where |g| ~ 1e-8, last bits show at 1% of lr
-        for key in ("loss", "kl", "grad_norm", "clip_fraction"):
+        for key in ("loss", "kl", "grad_norm", "clip_fraction", "mean_abs_advantage"):
             assert result["record"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
-        for key in ("tokens", "kept_nodes", "pruned_nodes"):
+        for key in ("tokens", "kept_nodes", "pruned_nodes", "positions", "forwards", "logit_positions"):
             assert result["record"][key] == expected[key], key
     assert expected["tokens"] > 0 and expected["forwards"] > 2
 

@@ -162,7 +162,7 @@ STOPS = {  # where a stop lands (the smoke run evaluates at steps 0, 2, 4, 6) ->
     "sampling, step 3": ((train_gsm8k, "sample", 5), "after step 3 of 6; checkpoint in"),  # 2 sampling calls a step
     "the loss, step 1": ((train_gsm8k, "backward_loss", 1), "after step 1 of 6; checkpoint in"),
     "the evaluation after step 4": ((train_gsm8k, "evaluate", 3), "after step 4 of 6; checkpoint in"),
-    "the evaluation before training": ((train_gsm8k, "evaluate", 1), "before training; start over with:"),
+    "the evaluation before training": ((train_gsm8k, "evaluate", 1), "before training; go on with:"),
     "the last save": ((checkpoints, "save", 3), None),  # the run is complete: it says so
 }
 
@@ -184,8 +184,20 @@ def test_a_stop_finishes_the_step_saves_and_prints_the_command_that_goes_on(tmp_
         assert status == 0 and printed.out.splitlines()[-1].startswith("done: steps 1-6")
     else:
         assert status == 130 and says in printed.out
-        words = "start over with:" if "before training" in says else "Resume with:"
+        words = "go on with:" if "before training" in says else "Resume with:"
         assert run(out, *command_after(printed.out, words)) == 0
+    same_run(out, straight_out)
+
+
+def test_a_stop_while_a_resumed_run_loads_keeps_its_checkpoint(tmp_path, monkeypatch, capsys, straight_out):
+    out = tmp_path / "run"
+    assert run(out, "--steps", "4") == 0
+    signal_at_call(monkeypatch, models, "load", 1, [signal.SIGINT])
+    assert run(out, "--steps", "6", "--resume") == 130
+    printed = capsys.readouterr().out
+    monkeypatch.undo()
+    assert "--overwrite" not in printed and checkpoints.newest(out).name == "checkpoint-000004"
+    assert run(out, *command_after(printed, "go on with:")) == 0
     same_run(out, straight_out)
 
 
@@ -280,11 +292,14 @@ def must_not_load(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["state.json", "trainer_state.pt", "config.json", "model.safetensors"])
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "delete"])
 def test_a_damaged_checkpoint_is_refused_in_one_line(finished, monkeypatch, capsys, name, damage):
     path = finished / "checkpoint-000004" / name
     original = path.read_bytes()
-    path.write_bytes(original[:len(original) // 2]) if damage == "truncate" else path.unlink()
+    if damage == "delete":
+        path.unlink()
+    else:  # cut to half, or to nothing (torch's loader raises other errors for each)
+        path.write_bytes(original[:len(original) // 2 if damage == "truncate" else 0])
     if name == "state.json":  # found before the model loads; the others as their files load
         must_not_load(monkeypatch)
     try:
