@@ -577,7 +577,7 @@ def check_branchable(model, token_ids: list[int], generation: dict, eos_ids: set
                     gap = max(gap, (forced - torch.tensor(node.logprobs, device=ids.device)).abs().max().item())
     except Exception as error:  # whatever the model raises, it cannot be branched: say so in one line
         raise ValueError(f"{type(model).__name__} cannot be sampled as a tree: continuing a copied KV cache raised "
-                         f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}") from None
+                         f"{error_line(error)}") from None
     if not gap <= tolerance(model):
         raise ValueError(f"{type(model).__name__} cannot be sampled as a tree: the log-probs of tokens drawn on a "
                          f"copied KV cache are off by {gap:.2g} from a fresh forward's over the same tokens")
@@ -602,7 +602,7 @@ def can_pack(models: list, trees: list[TreeNode], packed: bool | None, device) -
             gap = (packed_row - leaf_paths).abs().max().item()
             why = f"log-probs off by {gap:.2g} from its leaf paths'"
         except Exception as error:  # e.g. a position bias built from a 2D mask
-            gap, why = math.inf, f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            gap, why = math.inf, error_line(error)
         if not gap <= tolerance(model):
             if packed:
                 raise ValueError(f"packed=True: a packed row of {type(model).__name__} gave {why}; "
@@ -635,6 +635,11 @@ def plain_output_head(model, trees: list[TreeNode], device):
     except Exception:  # a forward that reads its head's own attributes: no chunks
         return None
     return head if projected.shape == logits.shape and torch.allclose(projected, logits, rtol=1e-4, atol=1e-5) else None
+
+
+def error_line(error: BaseException) -> str:
+    """An exception in one line: its type, and its message's first line if it has one (a bare assert's has none)."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 def tolerance(model) -> float:

@@ -67,6 +67,18 @@ def test_an_encoder_decoder_is_refused_in_one_line(tokenizer):
         sample_trees(model, tokenizer, families.PROMPTS, branch=2, depth=2, segment_tokens=4)
 
 
+def test_a_bare_assert_inside_a_model_is_still_one_line(tokenizer):
+    """Model code often asserts without a message: the refusal names the error even when it says nothing."""
+    model = families.build(*FAMILIES["llama"])
+
+    def forward(*args, **kwargs):
+        raise AssertionError
+    model.forward = forward
+    with pytest.raises(ValueError, match="^LlamaForCausalLM cannot be sampled as a tree: continuing a copied KV "
+                                         "cache raised AssertionError: $"):
+        sample_trees(model, tokenizer, families.PROMPTS, branch=2, depth=2, segment_tokens=4)
+
+
 def test_a_mixture_of_experts_that_returns_router_logits_still_packs(tokenizer):
     """config.output_router_logits=True makes the router's balancing loss read the attention mask as
     2D, which a packed row's tree mask is not: the forwards ask for no router logits."""
